@@ -1,0 +1,167 @@
+"""The ``grpo-lab`` command line.
+
+    grpo-lab train RECIPE.yaml [key=value ...]     train (GRPO / PPO-head / PPO-critic)
+    grpo-lab eval MODEL_OR_RUN [--dataset arith]   held-out greedy / pass@1 / maj@k accuracy
+    grpo-lab demo                                  the three objectives on the embedded tiny model
+    grpo-lab config [RECIPE] [key=value ...]       print a resolved config; --explain lists every key
+
+Overrides are dotted keys into the recipe, e.g. ``trainer.lr=1e-6 rollout.group_size=4
+output_dir=runs/x``. Multi-GPU and DeepSpeed runs go through accelerate:
+``accelerate launch --config_file recipes/accelerate/single_gpu.yaml -m grpo_lab.train RECIPE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "urllib3", "datasets", "DeepSpeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from grpo_lab.config import load_config
+    from grpo_lab.trainer import train
+
+    cfg = load_config(args.recipe, args.overrides)
+    train(cfg)
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from grpo_lab.config import Config, format_help, load_config, to_dict
+
+    if args.explain:
+        print(format_help(Config))
+        return 0
+    cfg = load_config(args.recipe, args.overrides)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def _resolve_model(model_or_run: str):
+    """A run folder (with config.yaml and final/) or a model name/path -> (model path, run config)."""
+    from grpo_lab.config import load_config
+
+    p = Path(model_or_run)
+    if (p / "config.yaml").is_file():
+        final = p / "final"
+        if not final.is_dir():
+            raise SystemExit(f"{p} is a run folder without a final/ model (has the run finished?)")
+        return str(final), load_config(p / "config.yaml")
+    return model_or_run, None
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from grpo_lab.data import load_problems
+    from grpo_lab.evaluation import evaluate
+    from grpo_lab.models import load_causal_lm, load_tokenizer
+
+    model_path, run_cfg = _resolve_model(args.model)
+    data = run_cfg.data if run_cfg is not None else None
+    dataset = args.dataset or (data.name if data else "arith")
+    arith = {}
+    if data is not None and dataset == "arith":
+        arith = {"max_value": data.max_value, "num_operands": data.num_operands, "ops": tuple(data.ops)}
+    problems = load_problems(dataset, split=args.split, path=args.path, limit=args.limit, seed=args.seed, **arith)
+    template = args.template or (data.template if data else ("plain" if dataset == "arith" else "gsm8k"))
+    max_new = args.max_new_tokens or (run_cfg.rollout.max_new_tokens if run_cfg else 6)
+    tokenizer = load_tokenizer(model_path)
+    model = load_causal_lm(model_path, dtype=args.dtype)
+    if args.device:
+        model.to(args.device)
+    result = evaluate(
+        model, tokenizer, problems, max_new_tokens=max_new, k=args.k, temperature=args.temperature,
+        template=template, use_chat_template=bool(data.use_chat_template) if data else False,
+    )
+    for key, value in result.items():
+        print(f"{key:>20s}  {value:.4f}")
+    print(json.dumps({"model": model_path, "dataset": dataset, **result}))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from grpo_lab.demo import run_demo
+
+    run_demo(steps=args.steps, seed=args.seed, output_dir=args.output_dir)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="grpo-lab",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a policy from a YAML recipe",
+                       description="Train from a YAML recipe. Overrides are dotted key=value pairs, "
+                       "e.g. trainer.lr=1e-6 output_dir=runs/x resume=auto. "
+                       "`grpo-lab config --explain` lists every key with its meaning.")
+    p.add_argument("recipe", help="path to a recipe YAML (see recipes/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides key=value")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="held-out accuracy of a model or a finished run",
+                       description="Greedy pass@1, and with --k > 1 sampled pass@1, maj@k and pass@k, "
+                       "on a held-out split. MODEL_OR_RUN is a hub name, a local model folder, "
+                       "`builtin:tiny-arith`, or a run folder (its final/ model and its data settings).")
+    p.add_argument("model", metavar="MODEL_OR_RUN")
+    p.add_argument("--dataset", choices=["arith", "gsm8k", "math"], default=None,
+                   help="dataset name (default: the run's, else arith)")
+    p.add_argument("--path", default=None, help="local JSONL for gsm8k/math")
+    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
+    p.add_argument("--k", type=int, default=1, help="samples per problem for pass@1 / maj@k (default 1: greedy only)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for k > 1")
+    p.add_argument("--template", default=None, help="prompt template (default: the run's)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's rollout.max_new_tokens")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None, help="e.g. cuda:0 (default: cpu)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("demo", help="GRPO vs PPO-head vs PPO-critic on the embedded tiny model (CPU)",
+                       description="Builds the embedded tiny model if missing, trains it with each of "
+                       "the three objectives on CPU and prints start-vs-end held-out accuracy and step time.")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per objective (default: the recipes')")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", default="runs/demo")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("config", help="print a resolved config, or --explain every key")
+    p.add_argument("recipe", nargs="?", default=None)
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--explain", action="store_true", help="list every config key with its type, default and meaning")
+    p.set_defaults(func=_cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from grpo_lab.config import ConfigError
+
+    _setup_logging()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"grpo-lab: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

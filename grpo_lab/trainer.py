@@ -1,0 +1,555 @@
+"""The RL loop: GRPO, PPO with a value head on the shared trunk, PPO with a separate critic.
+
+One optimizer step (``Trainer.step``), read top to bottom:
+
+    sample prompts -> rollout (G completions each) -> reward -> old log-probs (only when the
+    batch is used for more than one optimizer step) -> reference log-probs (only when
+    ``loss.kl_coef > 0``) -> values (PPO) -> advantages (registry) -> epochs x minibatches x
+    micro-batches of policy loss (+ value loss, + KL in the loss) -> grad clip -> optimizer.
+
+The maths lives in :mod:`grpo_lab.algos`; this module only orchestrates it. Launch it with
+``grpo-lab train RECIPE [key=value ...]`` or ``accelerate launch -m grpo_lab.train RECIPE``.
+
+Departures from the papers, on purpose:
+- Loss normalisation is owned here, once: every loss is aggregated with token / sequence counts
+  summed over the whole minibatch *and all processes*, so the update is identical whether a
+  minibatch is run as 1x8, 4x2 or 8x1 micro-batches, or split across ranks.
+- The learning-rate schedule advances once per RL step (not per minibatch), so ``warmup_steps``
+  counts RL steps whatever ``trainer.num_minibatches`` is.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, set_seed
+
+from grpo_lab import algos
+from grpo_lab.config import Config, save_config
+from grpo_lab.data import PromptSampler, load_problems, render_prompt
+from grpo_lab.harness import Harness, MetricsWriter, footprint_metrics, format_step_line, model_footprint
+from grpo_lab.models import (
+    PolicyWithValueHead,
+    completion_forward,
+    load_causal_lm,
+    load_critic,
+    load_reference,
+    load_tokenizer,
+)
+from grpo_lab.rewards import score_batch
+from grpo_lab.rollout import RolloutBatch, decode_completions, gather_params_for_generation, generate
+
+logger = logging.getLogger("grpo_lab")
+
+
+@dataclass
+class Experience:
+    """Everything the update needs about one rollout batch (all on this process).
+
+    N = local sequences, C = completion tokens.
+    """
+
+    batch: RolloutBatch
+    rewards: torch.Tensor  # [N] float32 outcome reward
+    old_logp: torch.Tensor | None  # [N, C] behaviour-policy log-probs; None = on-policy single update
+    ref_logp: torch.Tensor | None  # [N, C] reference log-probs; None when kl_coef == 0
+    old_values: torch.Tensor | None  # [N, C] values at rollout time (PPO only)
+    advantages: torch.Tensor  # [N, C]
+    returns: torch.Tensor  # [N, C]
+
+
+def build_accelerator(cfg: Config) -> Accelerator:
+    # NOTE: on CPU, DeepSpeed + several processes needs an explicit gloo process group, or every
+    # rank believes it is rank 0 of 1.
+    kwargs = [InitProcessGroupKwargs(backend="gloo")] if not torch.cuda.is_available() else []
+    return Accelerator(
+        log_with=list(cfg.harness.report_to) or None,
+        project_dir=cfg.output_dir,
+        kwargs_handlers=kwargs,
+    )
+
+
+class Trainer:
+    def __init__(self, cfg: Config, accelerator: Accelerator | None = None):
+        self.cfg = cfg
+        self.acc = accelerator or build_accelerator(cfg)
+        self.world = self.acc.num_processes
+        self.rank = self.acc.process_index
+        set_seed(cfg.seed, device_specific=True)
+        self.out_dir = Path(cfg.output_dir)
+        if self.acc.is_main_process:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out_dir / "config.yaml")
+
+        self.is_ppo = cfg.algorithm == "ppo"
+        self.value_mode = cfg.ppo.value if self.is_ppo else None
+        self._build_data()
+        self._build_models()
+        self._build_optimizers()
+        self.harness = Harness(self.acc.device, n_params=self._n_policy_params, peak_flops=self._peak_override())
+        self.writer = MetricsWriter(
+            self.out_dir / "metrics.jsonl",
+            accelerator=self.acc if cfg.harness.report_to else None,
+            enabled=self.acc.is_main_process,
+        )
+        if cfg.harness.report_to:
+            self.acc.init_trackers("grpo_lab", config=None)
+        self.global_step = 0
+        self.skipped_in_a_row = 0
+        self.skipped_total = 0
+
+    # ------------------------------------------------------------------ setup
+    def _peak_override(self) -> float | None:
+        t = self.cfg.harness.peak_tflops
+        return None if t is None else t * 1e12
+
+    def _build_data(self) -> None:
+        d = self.cfg.data
+        arith = {"max_value": d.max_value, "num_operands": d.num_operands, "ops": tuple(d.ops)}
+        self.train_problems = load_problems(d.name, split="train", path=d.path, seed=self.cfg.seed, **arith)
+        self.eval_problems = load_problems(
+            d.name, split="test", path=d.eval_path, limit=d.num_eval, seed=self.cfg.seed, **arith
+        )
+        B = self.cfg.rollout.prompts_per_step
+        if B % self.world:
+            raise ValueError(
+                f"rollout.prompts_per_step={B} must be divisible by the number of processes ({self.world}) "
+                "so that each process holds whole groups"
+            )
+        # Every rank draws the same global batch (same seed) and keeps its own slice of prompts:
+        # a prompt's G samples always live on one rank, so group statistics need no gather.
+        self.sampler = PromptSampler(self.train_problems, batch_size=B, seed=self.cfg.seed)
+
+    def _build_models(self) -> None:
+        cfg, m = self.cfg, self.cfg.model
+        load_kw = {
+            "dtype": m.dtype,
+            "attn_implementation": m.attn_implementation,
+            "gradient_checkpointing": m.gradient_checkpointing,
+            "trust_remote_code": m.trust_remote_code,
+        }
+        self.tokenizer = load_tokenizer(m.name_or_path, trust_remote_code=m.trust_remote_code)
+        lm = load_causal_lm(m.name_or_path, **load_kw)
+        self.policy = PolicyWithValueHead(lm) if self.value_mode == "head" else lm
+        self.critic = None
+        if self.value_mode == "critic":
+            self.critic = load_critic(cfg.ppo.critic_model or m.name_or_path, **load_kw)
+        self.reference = None
+        if cfg.loss.kl_coef > 0:
+            self.reference = load_reference(m.name_or_path, dtype=m.dtype, attn_implementation=m.attn_implementation,
+                                            trust_remote_code=m.trust_remote_code)
+        self._n_policy_params = sum(p.numel() for p in lm.parameters())
+
+    def _build_optimizers(self) -> None:
+        t = self.cfg.trainer
+
+        def adamw(module, lr):
+            params = [p for p in module.parameters() if p.requires_grad]
+            return torch.optim.AdamW(params, lr=lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+
+        def schedule(opt):
+            return torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(t.lr_scheduler, t.warmup_steps, t.max_steps))
+
+        self.opt = adamw(self.policy, t.lr)
+        self.sched = schedule(self.opt)
+        self.policy, self.opt, self.sched = self.acc.prepare(self.policy, self.opt, self.sched)
+        if self.critic is not None:
+            self.critic_opt = adamw(self.critic, self.cfg.ppo.critic_lr or t.lr)
+            self.critic_sched = schedule(self.critic_opt)
+            self.critic, self.critic_opt, self.critic_sched = self.acc.prepare(
+                self.critic, self.critic_opt, self.critic_sched
+            )
+        if self.reference is not None:
+            self.reference = self.acc.prepare_model(self.reference, evaluation_mode=True)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def generation_model(self):
+        model = self.acc.unwrap_model(self.policy)
+        return model.lm if isinstance(model, PolicyWithValueHead) else model
+
+    def _global_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over all processes (identity on one process)."""
+        if self.world == 1:
+            return x
+        x = x.to(self.acc.device)
+        return self.acc.reduce(x.clone(), reduction="sum")
+
+    def _forward(self, model, batch: RolloutBatch, *, entropy: bool = False):
+        return completion_forward(
+            model,
+            batch.input_ids,
+            batch.attention_mask,
+            batch.completion_len,
+            temperature=self.cfg.rollout.temperature,
+            compute_entropy=entropy,
+        )
+
+    def _no_grad_forward(self, model, batch: RolloutBatch, *, want: str) -> torch.Tensor:
+        """Log-probs or values for the whole batch, micro-batch by micro-batch, without grad."""
+        mb = self.cfg.trainer.micro_batch_size
+        outs = []
+        with torch.no_grad():
+            for start in range(0, batch.num_sequences, mb):
+                out = self._forward(model, batch.select(slice(start, start + mb)))
+                outs.append(getattr(out, want).detach())
+        return torch.cat(outs, dim=0)
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> dict[str, float]:
+        cfg, h = self.cfg, self.harness
+        h.start_step()
+        problems = self._local_problems(self.sampler.next_batch())
+
+        with h.phase("rollout"):
+            batch = self._rollout([p.question for p in problems])
+        with h.phase("reward"):
+            golds = [p.answer for p in problems for _ in range(cfg.rollout.group_size)]
+            results = score_batch(decode_completions(self.tokenizer, batch), golds, timeout_s=cfg.reward.timeout_s)
+            rewards = torch.tensor([r.score for r in results], dtype=torch.float32, device=batch.completion_ids.device)
+        exp = self._make_experience(batch, rewards)
+        with h.phase("update"):
+            train_metrics = self._update(exp)
+        h.add_tokens(
+            generated=int(batch.completion_mask.sum()),
+            trained=int(batch.attention_mask.sum()) * cfg.trainer.epochs,
+            samples=batch.num_sequences,
+        )
+        self.global_step += 1
+        record = {"step": self.global_step}
+        record.update(self._reward_metrics(batch, rewards, results))
+        record.update(self._experience_metrics(exp))
+        record.update(train_metrics)
+        record.update(h.end_step())
+        return record
+
+    def _local_problems(self, problems):
+        per_rank = len(problems) // self.world
+        return problems[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def _rollout(self, questions: list[str]) -> RolloutBatch:
+        cfg, r = self.cfg, self.cfg.rollout
+        prompts = [
+            render_prompt(q, template=cfg.data.template, tokenizer=self.tokenizer,
+                          use_chat_template=cfg.data.use_chat_template, system_prompt=cfg.data.system_prompt)
+            for q in questions
+        ]
+        model = self.generation_model
+        with gather_params_for_generation(model):
+            batch = generate(
+                model,
+                self.tokenizer,
+                prompts,
+                group_size=r.group_size,
+                max_new_tokens=r.max_new_tokens,
+                temperature=r.temperature,
+                top_p=r.top_p,
+                top_k=r.top_k,
+                ignore_eos=r.ignore_eos,
+                batch_size=r.batch_size,
+            )
+        return batch.to(self.acc.device)
+
+    def _make_experience(self, batch: RolloutBatch, rewards: torch.Tensor) -> Experience:
+        cfg, h = self.cfg, self.harness
+        mask = batch.completion_mask
+        updates_per_batch = cfg.trainer.epochs * cfg.trainer.num_minibatches
+        old_logp = old_values = ref_logp = None
+        # NOTE: with a single optimizer step per batch the policy that is updated *is* the one that
+        # sampled, so the ratio is exactly 1: the old-log-prob forward is skipped and the update
+        # uses its own detached log-probs (same gradient, one forward fewer).
+        if updates_per_batch > 1:
+            with h.phase("old_logprob"):
+                old_logp = self._no_grad_forward(self.policy, batch, want="logp")
+        if self.reference is not None:
+            with h.phase("ref"):
+                ref_logp = self._no_grad_forward(self.reference, batch, want="logp")
+        if self.is_ppo:
+            with h.phase("values"):
+                value_model = self.critic if self.critic is not None else self.policy
+                old_values = self._no_grad_forward(value_model, batch, want="values") * mask
+
+        # Outcome reward on the last completion token; optional per-token KL penalty (classic PPO).
+        token_rewards = torch.zeros_like(batch.sampling_logp)
+        last = (batch.completion_lengths - 1).clamp(min=0)
+        has_tokens = batch.completion_lengths > 0
+        token_rewards[has_tokens, last[has_tokens]] = rewards[has_tokens]
+        if ref_logp is not None and cfg.loss.kl_mode == "reward":
+            behaviour = old_logp if old_logp is not None else batch.sampling_logp
+            kl = algos.kl_penalty(behaviour, ref_logp, kind=cfg.loss.kl_estimator)
+            token_rewards = token_rewards - cfg.loss.kl_coef * kl * mask
+
+        a = cfg.advantage
+        estimator = algos.get_advantage_estimator(cfg.resolved_estimator())
+        advantages, returns = estimator(
+            token_rewards, mask, old_values,
+            group_size=cfg.rollout.group_size, gamma=a.gamma, lam=a.lam, scale=a.scale,
+        )
+        if cfg.resolved_whiten():
+            advantages = algos.whiten(advantages, mask) * mask
+        return Experience(batch, rewards, old_logp, ref_logp, old_values, advantages, returns)
+
+    # ------------------------------------------------------------------ update
+    def _update(self, exp: Experience) -> dict[str, float]:
+        cfg, t = self.cfg, self.cfg.trainer
+        N = exp.batch.num_sequences
+        per_minibatch = N // t.num_minibatches
+        sums: dict[str, float] = {}
+        n_micro = 0
+        grad_norms = []
+        for _ in range(t.epochs):
+            order = torch.randperm(N, device=exp.rewards.device) if t.num_minibatches > 1 else torch.arange(N)
+            for mb in range(t.num_minibatches):
+                idx = order[mb * per_minibatch : (mb + 1) * per_minibatch]
+                metrics, norm = self._optimizer_step(exp, idx)
+                grad_norms.append(norm)
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_micro += 1
+        self.sched.step()
+        if self.critic is not None:
+            self.critic_sched.step()
+        out = {k: v / n_micro for k, v in sums.items()}
+        out["optim/grad_norm"] = float(sum(grad_norms) / len(grad_norms))
+        out["optim/lr"] = self.sched.get_last_lr()[0]
+        out["optim/skipped_steps"] = self.skipped_total
+        return out
+
+    def _optimizer_step(self, exp: Experience, idx: torch.Tensor) -> tuple[dict[str, float], float]:
+        """Accumulate gradients over the minibatch `idx` in micro-batches, then step."""
+        cfg, t, L = self.cfg, self.cfg.trainer, self.cfg.loss
+        mask = exp.batch.completion_mask[idx]
+        # Global counts: the loss of each micro-batch is its share of the whole minibatch's loss,
+        # summed over every process. DDP/DeepSpeed average gradients over ranks, so the loss is
+        # multiplied back by the world size.
+        counts = {
+            "num_tokens": self._global_sum(mask.sum().float()),
+            "num_seqs": self._global_sum(torch.tensor(float(len(idx)), device=mask.device)),
+            "norm_constant": float(cfg.rollout.max_new_tokens),
+        }
+        policy_loss_fn = algos.get_policy_loss(L.policy_loss)
+        micro = [idx[i : i + t.micro_batch_size] for i in range(0, len(idx), t.micro_batch_size)]
+        totals: dict[str, torch.Tensor] = {}
+        for i, mi in enumerate(micro):
+            last = i == len(micro) - 1
+            b = exp.batch.select(mi)
+            m = b.completion_mask
+            out = self._forward(self.policy, b, entropy=True)
+            old_logp = exp.old_logp[mi] if exp.old_logp is not None else out.logp.detach()
+            pg_loss, pg_metrics = policy_loss_fn(
+                out.logp, old_logp, exp.advantages[mi], m,
+                clip_low=L.clip_low, clip_high=L.clip_high, dual_clip=L.dual_clip, agg=L.agg, **counts,
+            )
+            loss = pg_loss
+            stats = {"loss/policy": pg_loss.detach(), "policy/entropy": algos.aggregate(out.entropy.detach(), m, "token-mean", num_tokens=counts["num_tokens"])}
+            stats.update({f"policy/{k}": v for k, v in pg_metrics.items()})
+            if exp.ref_logp is not None:
+                kl = algos.kl_penalty(out.logp, exp.ref_logp[mi], kind=L.kl_estimator)
+                kl_loss = algos.aggregate(kl, m, L.agg, **counts)
+                stats["policy/kl_ref"] = algos.aggregate(kl.detach(), m, "token-mean", num_tokens=counts["num_tokens"])
+                if L.kl_mode == "loss":
+                    loss = loss + L.kl_coef * kl_loss
+                    stats["loss/kl"] = kl_loss.detach()
+            if L.entropy_coef:
+                loss = loss - L.entropy_coef * algos.aggregate(out.entropy, m, L.agg, **counts)
+            if self.value_mode == "head":
+                v_loss, v_metrics = self._value_loss(out.values, exp, mi, counts)
+                loss = loss + cfg.ppo.vf_coef * v_loss
+                stats["loss/value"] = v_loss.detach()
+                stats.update(v_metrics)
+            self._backward(loss, self.policy, last)
+            if self.critic is not None:
+                values = self._forward(self.critic, b).values
+                v_loss, v_metrics = self._value_loss(values, exp, mi, counts)
+                stats["loss/value"] = v_loss.detach()
+                stats.update(v_metrics)
+                self._backward(v_loss, self.critic, last)
+            stats["loss/total"] = loss.detach()
+            for k, v in stats.items():
+                # Sums of global-count-normalised losses are the minibatch loss; diagnostics that
+                # are per-micro-batch means are averaged below.
+                totals[k] = totals.get(k, 0.0) + v.detach().float()
+
+        grad_norm = self._clip_and_step(self.policy, self.opt)
+        if self.critic is not None:
+            critic_norm = self._clip_and_step(self.critic, self.critic_opt)
+            totals["value/grad_norm"] = torch.tensor(critic_norm)
+        n = len(micro)
+        summed = ("loss/", "policy/entropy", "policy/kl_ref")
+        result = {}
+        for k, v in totals.items():
+            v = self._global_sum(v) if k.startswith(summed) else v / n
+            result[k] = float(v)
+        return result, grad_norm
+
+    def _value_loss(self, values, exp: Experience, mi, counts):
+        return algos.value_loss(
+            values, exp.old_values[mi], exp.returns[mi], exp.batch.completion_mask[mi],
+            clip=self.cfg.ppo.value_clip, agg=self.cfg.loss.agg, **counts,
+        )
+
+    def _backward(self, loss: torch.Tensor, model, last: bool) -> None:
+        scaled = loss * self.world
+        ctx = nullcontext() if last or self.world == 1 else self.acc.no_sync(model)
+        with ctx:
+            self.acc.backward(scaled)
+
+    def _clip_and_step(self, model, opt) -> float:
+        """Clip, step, zero grads. A non-finite gradient skips the update and is counted."""
+        max_norm = self.cfg.trainer.max_grad_norm
+        params = [p for p in model.parameters() if p.requires_grad]
+        norm = self.acc.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
+        norm = float(norm)
+        if not math.isfinite(norm):
+            opt.zero_grad(set_to_none=True)
+            self.skipped_total += 1
+            self.skipped_in_a_row += 1
+            logger.warning("non-finite gradient norm at step %d: update skipped", self.global_step + 1)
+            if self.skipped_in_a_row >= self.cfg.trainer.max_skipped_steps:
+                raise RuntimeError(
+                    f"{self.skipped_in_a_row} consecutive updates had non-finite gradients; stopping. "
+                    "Lower trainer.lr, enable trainer.max_grad_norm, or check the reward."
+                )
+            return norm
+        self.skipped_in_a_row = 0
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return norm
+
+    # ------------------------------------------------------------------ metrics
+    def _reward_metrics(self, batch: RolloutBatch, rewards: torch.Tensor, results) -> dict[str, float]:
+        G = self.cfg.rollout.group_size
+        lengths = batch.completion_lengths.float()
+        local = torch.stack([
+            rewards.sum(), (rewards**2).sum(), (rewards > 0.5).float().sum(),
+            lengths.sum(), batch.truncated.float().sum(), torch.tensor(float(len(rewards)), device=rewards.device),
+            _solved_groups(rewards, G), _zero_std_groups(rewards, G),
+            torch.tensor(float(sum(r.status in ("timeout", "parse_error") for r in results)), device=rewards.device),
+        ])
+        s = self._global_sum(local)
+        n = s[5]
+        mean = s[0] / n
+        var = (s[1] / n - mean**2).clamp(min=0)
+        n_groups = n / G
+        return {
+            "reward/mean": float(mean),
+            "reward/std": float(var.sqrt()),
+            "reward/accuracy": float(s[2] / n),
+            "reward/solved_groups": float(s[6] / n_groups),
+            "reward/zero_std_groups": float(s[7] / n_groups),
+            "reward/errors": float(s[8]),
+            "rollout/completion_len_mean": float(s[3] / n),
+            "rollout/truncated_frac": float(s[4] / n),
+        }
+
+    def _experience_metrics(self, exp: Experience) -> dict[str, float]:
+        mask = exp.batch.completion_mask
+        out = {"rollout/old_logprob_pass": float(exp.old_logp is not None)}
+        if exp.old_values is not None:
+            out["value/explained_variance"] = float(algos.explained_variance(exp.old_values, exp.returns, mask))
+            out["value/mean"] = float(algos.masked_mean(exp.old_values, mask))
+        out["advantage/mean"] = float(algos.masked_mean(exp.advantages, mask))
+        return out
+
+    def static_footprint(self) -> dict[str, float]:
+        fps = {"policy": model_footprint(self.acc.unwrap_model(self.policy), self.opt.optimizer if hasattr(self.opt, "optimizer") else self.opt)}
+        if self.critic is not None:
+            fps["critic"] = model_footprint(self.acc.unwrap_model(self.critic), getattr(self.critic_opt, "optimizer", self.critic_opt))
+        if self.reference is not None:
+            fps["reference"] = model_footprint(self.acc.unwrap_model(self.reference))
+        return footprint_metrics(fps)
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> list[dict]:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        history = []
+        bar = tqdm(
+            total=cfg.trainer.max_steps, initial=self.global_step, desc=f"{cfg.algorithm}",
+            disable=not (cfg.trainer.progress_bar and self.acc.is_main_process), dynamic_ncols=True,
+        )
+        while self.global_step < cfg.trainer.max_steps:
+            record = self.step()
+            if self.global_step == 1:
+                record.update(self.static_footprint())
+            self.writer.write(record)
+            history.append(record)
+            bar.update(1)
+            bar.set_postfix(reward=f"{record['reward/mean']:.3f}", step_s=f"{record['time/step_s']:.2f}")
+            if cfg.trainer.log_every and self.global_step % cfg.trainer.log_every == 0 and not cfg.trainer.progress_bar:
+                logger.info(format_step_line(record))
+        bar.close()
+        self.save(self.out_dir / "final")
+        self.writer.close()
+        if cfg.harness.report_to:
+            self.acc.end_training()
+        return history
+
+    def save(self, path: Path) -> None:
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            path = Path(path)
+            tmp = path.with_name(path.name + ".tmp")
+            policy = self.acc.unwrap_model(self.policy)
+            policy.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            if self.critic is not None:
+                self.acc.unwrap_model(self.critic).save_pretrained(tmp / "critic")
+            _atomic_replace(tmp, path)
+        self.acc.wait_for_everyone()
+
+
+def _atomic_replace(tmp: Path, final: Path) -> None:
+    import shutil
+
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+
+
+def _solved_groups(rewards: torch.Tensor, G: int) -> torch.Tensor:
+    return (rewards.view(-1, G) > 0.5).any(dim=1).float().sum()
+
+
+def _zero_std_groups(rewards: torch.Tensor, G: int) -> torch.Tensor:
+    # Groups whose rewards are all equal carry no GRPO signal (advantage 0 everywhere).
+    r = rewards.view(-1, G)
+    return (r.max(dim=1).values == r.min(dim=1).values).float().sum()
+
+
+def _lr_lambda(kind: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return f
+
+
+def train(cfg: Config) -> list[dict]:
+    """Run a whole training job described by `cfg`; returns the per-step metric records."""
+    start = time.perf_counter()
+    trainer = Trainer(cfg)
+    history = trainer.train()
+    if trainer.acc.is_main_process:
+        logger.info("finished %d steps in %.1f s; outputs in %s", trainer.global_step,
+                    time.perf_counter() - start, cfg.output_dir)
+    return history
