@@ -135,6 +135,8 @@ class Harness:
     ``end_step``'s result rather than reported as 0 or inf.
     """
 
+    _STATE_KEYS = ("total_s", "total_gen_tokens", "total_train_tokens", "total_samples", "steps")
+
     def __init__(
         self,
         device: torch.device | str,
@@ -279,8 +281,6 @@ class Harness:
         out["perf/total_gen_tokens"] = float(self.total_gen_tokens)
         out["perf/total_train_tokens"] = float(self.total_train_tokens)
         return out
-
-    _STATE_KEYS = ("total_s", "total_gen_tokens", "total_train_tokens", "total_samples", "steps")
 
     def state_dict(self) -> dict[str, float | int]:
         """Cumulative counters, saved with a checkpoint so a resumed run continues them."""
