@@ -476,7 +476,7 @@ class MetricsWriter:
 _CONSOLE_FIELDS = (
     ("reward", "reward/mean", "{:.3f}"),
     ("acc", "reward/accuracy", "{:.3f}"),
-    ("kl", "policy/kl", "{:.4f}"),
+    ("kl", "policy/kl_ref", "{:.4f}"),
 )
 
 

@@ -360,12 +360,15 @@ def test_format_step_line():
         "step": 7,
         "reward/mean": 0.5,
         "reward/accuracy": 0.25,
+        "policy/kl_ref": 0.002,
         "time/step_s": 1.234,
         "loss/policy": -0.01,
         "loss/value": None,
     }
     line = format_step_line(record)
-    assert line == "step 7 | reward 0.500 | acc 0.250 | 1.23 s/step | loss policy -0.0100 value nan"
+    assert line == (
+        "step 7 | reward 0.500 | acc 0.250 | kl 0.0020 | 1.23 s/step | loss policy -0.0100 value nan"
+    )
     assert format_step_line({"step": 1}) == "step 1"
 
 
