@@ -622,7 +622,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{key}: expected a string, got {value!r} (quote it in YAML)", [key])
+        hint = "" if value is None else " (quote it in YAML)"
+        raise ConfigError(f"{key}: expected a string, got {value!r}{hint}", [key])
     elif origin is list or tp is list:
         if isinstance(value, list | tuple):
             item = args[0] if args else Any
