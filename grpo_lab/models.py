@@ -1,0 +1,445 @@
+"""Policy, value head on the shared trunk, separate critic, reference, and the shared forward.
+
+Shape legend: N sequences, T = P + C tokens (left-padded prompt of P, completion of C), K kept
+positions, H hidden size, V vocabulary size.
+
+Alignment convention: the logits and the hidden state at position P-1+t predict completion token
+t, so ``logp[:, t]`` is log pi(token t | prefix) and ``values[:, t]`` is V(s_t), the value of the
+state just before token t is emitted. Position ids are always derived from the attention mask
+(``cumsum - 1`` clamped at 0), exactly as transformers ``generate`` does, so left padding does not
+shift positions between rollout and training.
+
+Every model kind answers ``model(input_ids=, attention_mask=, position_ids=, logits_to_keep=)``
+with an object carrying ``logits`` and/or ``values``; :func:`completion_forward` calls the
+outermost wrapper (DDP, accelerate, DeepSpeed) so that its hooks run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """Map a dtype name to torch; an unknown name raises listing the valid ones."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype: {name!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """``builtin:*`` names map to the embedded tiny models' cached folder; others pass through."""
+    if name_or_path.startswith("builtin:"):
+        from grpo_lab.tiny import resolve_model_path as resolve_builtin
+
+        return resolve_builtin(name_or_path)
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
+    """AutoTokenizer with left padding; a missing pad token is set to the EOS token.
+
+    NOTE: with pad == EOS a padded position and a real EOS share an id, so masks (never token
+    ids) must decide what is padding.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model_path(name_or_path), trust_remote_code=trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer {name_or_path!r}: has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_causal_lm(
+    name_or_path: str,
+    *,
+    dtype: str = "float32",
+    attn_implementation: str | None = None,
+    gradient_checkpointing: bool = False,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """A causal LM from a hub name, a local folder or a ``builtin:`` name, set up for training.
+
+    ``config.use_cache`` is turned off because training forwards never reuse a KV cache;
+    :mod:`grpo_lab.rollout` asks for the cache explicitly when generating.
+    """
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(name_or_path),
+        dtype=resolve_dtype(dtype),
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+    )
+    return _prepare_for_training(model, gradient_checkpointing)
+
+
+def random_init_causal_lm(
+    config: PretrainedConfig, *, dtype: str = "float32", attn_implementation: str | None = None
+) -> PreTrainedModel:
+    """A randomly initialised causal LM of ``config``'s architecture (benchmark shapes, no hub)."""
+    model = AutoModelForCausalLM.from_config(
+        config, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation
+    )
+    return _prepare_for_training(model, gradient_checkpointing=False)
+
+
+def load_reference(
+    name_or_path: str,
+    *,
+    dtype: str = "float32",
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """The frozen reference policy: a causal LM in eval mode with ``requires_grad_(False)``."""
+    model = load_causal_lm(
+        name_or_path,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+    )
+    return model.eval().requires_grad_(False)
+
+
+def _prepare_for_training(model: PreTrainedModel, gradient_checkpointing: bool) -> PreTrainedModel:
+    model.config.use_cache = False
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+class ValueHead(nn.Module):
+    """Linear(H, 1) on a hidden state, computed in float32.
+
+    Initialised with weight ~ N(0, init_std^2) and zero bias; the default
+    ``init_std = 1/sqrt(H+1)`` keeps initial values O(1) for unit-scale hidden states, and
+    ``init_std=0`` gives an all-zero head. NOTE: if a wrapper casts the whole model (e.g.
+    DeepSpeed bf16) the head follows; its output is still returned as float32.
+    """
+
+    def __init__(self, hidden_size: int, init_std: float | None = None):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1, dtype=torch.float32)
+        std = 1.0 / math.sqrt(hidden_size + 1) if init_std is None else init_std
+        if std > 0:
+            nn.init.normal_(self.linear.weight, std=std)
+        else:
+            nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: Tensor) -> Tensor:  # [..., H] -> [...] float32
+        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1).float()
+
+
+@dataclass
+class ValueModelOutput:
+    """What :class:`PolicyWithValueHead` and :class:`Critic` return.
+
+    NOTE: deliberately not a transformers ``ModelOutput``: that is a dict, whose ``values``
+    method a ``values`` field would shadow (DDP walks outputs with ``dict.values()``). DDP and
+    accelerate handle plain dataclasses.
+    """
+
+    logits: Tensor | None = None  # [N, K, V]
+    values: Tensor | None = None  # [N, K] float32
+
+
+def _keep_last(hidden: Tensor, logits_to_keep: int) -> Tensor:  # [N, T, H] -> [N, K, H]
+    return hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
+
+
+def _hidden_size(config: PretrainedConfig) -> int:
+    return config.get_text_config().hidden_size
+
+
+class PolicyWithValueHead(nn.Module):
+    """A causal LM plus a :class:`ValueHead` on its last hidden state (the shared trunk).
+
+    One forward gives logits and a value per position; a value loss therefore trains the head
+    and the trunk. ``lm`` may be peft-wrapped. NOTE: values come from
+    ``output_hidden_states=True``, which keeps every layer's output until the forward returns;
+    that is free under autograd (those activations are saved anyway) but costs memory in no-grad
+    passes.
+    """
+
+    def __init__(self, lm: PreTrainedModel, v_head: ValueHead | None = None):
+        super().__init__()
+        self.lm = lm
+        self.v_head = v_head if v_head is not None else ValueHead(_hidden_size(lm.config))
+
+    @property
+    def config(self) -> PretrainedConfig:
+        return self.lm.config
+
+    @property
+    def generation_model(self) -> PreTrainedModel:
+        """The module :func:`grpo_lab.rollout.generate` samples from."""
+        return self.lm
+
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+        self.lm.gradient_checkpointing_enable(**kwargs)
+
+    def forward(
+        self,
+        input_ids: Tensor,  # [N, T]
+        attention_mask: Tensor | None = None,  # [N, T]
+        position_ids: Tensor | None = None,  # [N, T]
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> ValueModelOutput:
+        """Logits [N, K, V] and values [N, K] for the last K = ``logits_to_keep`` positions
+        (all T when 0)."""
+        kwargs.setdefault("use_cache", False)
+        out = self.lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=logits_to_keep,
+            output_hidden_states=True,
+            **kwargs,
+        )
+        hidden = _keep_last(out.hidden_states[-1], logits_to_keep)
+        return ValueModelOutput(logits=out.logits, values=self.v_head(hidden))
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """The lm via its own ``save_pretrained`` (a peft model writes its adapter) plus
+        ``value_head.safetensors``."""
+        self.lm.save_pretrained(path)
+        _save_head(self.v_head, path)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        dtype: str = "float32",
+        attn_implementation: str | None = None,
+        gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+    ) -> PolicyWithValueHead:
+        """Load the lm; the head from ``value_head.safetensors`` if present, else freshly
+        initialised (so a plain causal-LM checkpoint starts PPO)."""
+        lm = load_causal_lm(
+            name_or_path,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            gradient_checkpointing=gradient_checkpointing,
+            trust_remote_code=trust_remote_code,
+        )
+        return cls(lm, _load_head(name_or_path, _hidden_size(lm.config)))
+
+
+class Critic(nn.Module):
+    """A separate value model: its own transformer trunk plus a :class:`ValueHead`.
+
+    The trunk is the base model without the LM head (``AutoModel``), so an untied LM head is
+    neither stored nor left as an unused parameter under DDP; it loads from a causal-LM
+    checkpoint such as the policy's. The forward returns values only.
+    """
+
+    def __init__(self, backbone: PreTrainedModel, v_head: ValueHead | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.v_head = v_head if v_head is not None else ValueHead(_hidden_size(backbone.config))
+
+    @property
+    def config(self) -> PretrainedConfig:
+        return self.backbone.config
+
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+        self.backbone.gradient_checkpointing_enable(**kwargs)
+
+    def forward(
+        self,
+        input_ids: Tensor,  # [N, T]
+        attention_mask: Tensor | None = None,  # [N, T]
+        position_ids: Tensor | None = None,  # [N, T]
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> ValueModelOutput:
+        """Values [N, K] for the last K = ``logits_to_keep`` positions (all T when 0)."""
+        kwargs.setdefault("use_cache", False)
+        out = self.backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            **kwargs,
+        )
+        hidden = _keep_last(out.last_hidden_state, logits_to_keep)
+        return ValueModelOutput(values=self.v_head(hidden))
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """The trunk via its own ``save_pretrained`` plus ``value_head.safetensors``."""
+        self.backbone.save_pretrained(path)
+        _save_head(self.v_head, path)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        dtype: str = "float32",
+        attn_implementation: str | None = None,
+        gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+    ) -> Critic:
+        """Trunk from any causal-LM or critic folder; head from ``value_head.safetensors`` if
+        present, else freshly initialised."""
+        backbone = AutoModel.from_pretrained(
+            resolve_model_path(name_or_path),
+            dtype=resolve_dtype(dtype),
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+        )
+        backbone = _prepare_for_training(backbone, gradient_checkpointing)
+        return cls(backbone, _load_head(name_or_path, _hidden_size(backbone.config)))
+
+
+def load_critic(
+    name_or_path: str,
+    *,
+    dtype: str = "float32",
+    attn_implementation: str | None = None,
+    gradient_checkpointing: bool = False,
+    trust_remote_code: bool = False,
+) -> Critic:
+    """:meth:`Critic.from_pretrained`; pass the policy's checkpoint for the usual PPO setup."""
+    return Critic.from_pretrained(
+        name_or_path,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        gradient_checkpointing=gradient_checkpointing,
+        trust_remote_code=trust_remote_code,
+    )
+
+
+def _save_head(head: ValueHead, path: str | Path) -> None:
+    state = {k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()}
+    save_file(state, str(Path(path) / VALUE_HEAD_FILE))
+
+
+def _load_head(name_or_path: str, hidden_size: int) -> ValueHead:
+    head = ValueHead(hidden_size)
+    file = Path(resolve_model_path(name_or_path)) / VALUE_HEAD_FILE
+    if file.is_file():
+        head.load_state_dict(load_file(str(file)))
+    return head
+
+
+@dataclass
+class CompletionOutputs:
+    """Per-completion-token outputs of :func:`completion_forward` (None when not produced)."""
+
+    logp: Tensor | None  # [N, C] float32 log-prob of each completion token under softmax(z / T)
+    entropy: Tensor | None  # [N, C] float32 entropy of that distribution (only when asked)
+    values: Tensor | None  # [N, C] float32 V(s_t) for predicting completion token t
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:  # [N, T] -> [N, T] long
+    """Positions counting real tokens only (``cumsum - 1``, 0 on left padding), as in generate."""
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def completion_forward(
+    model: nn.Module,
+    input_ids: Tensor,  # [N, P+C]
+    attention_mask: Tensor,  # [N, P+C]
+    completion_len: int,
+    *,
+    temperature: float = 1.0,
+    compute_entropy: bool = False,
+    chunk_size: int = 1024,
+) -> CompletionOutputs:
+    """One forward of ``model`` over prompt + completion, reduced to the C completion tokens.
+
+    ``model`` is a causal LM (-> logp, entropy), a :class:`PolicyWithValueHead` (-> logp,
+    entropy, values) or a :class:`Critic` (-> values), possibly wrapped by DDP / accelerate /
+    DeepSpeed / peft. Only the last C+1 positions' logits are materialised
+    (``logits_to_keep``), and log-softmax / entropy run in float32 over ``chunk_size``
+    positions at a time; see :func:`token_logprobs`.
+    """
+    seq_len = input_ids.shape[1]
+    if not 0 < completion_len < seq_len:
+        raise ValueError(f"completion_len must be in [1, {seq_len - 1}], got {completion_len}")
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        logits_to_keep=completion_len + 1,
+        use_cache=False,
+    )
+    # Position P-1+t predicts token t: of the kept C+1 positions, drop the last (it predicts
+    # past the end). Slicing from the end also covers a model that ignored logits_to_keep.
+    window = slice(-(completion_len + 1), -1)
+    logits = out.logits
+    values = out.values if isinstance(out, ValueModelOutput) else None
+    logp = entropy = None
+    if logits is not None:
+        logp, entropy = token_logprobs(
+            logits[:, window],
+            input_ids[:, -completion_len:],
+            temperature=temperature,
+            compute_entropy=compute_entropy,
+            chunk_size=chunk_size,
+        )
+    if values is not None:
+        values = values[:, window].float()
+    return CompletionOutputs(logp=logp, entropy=entropy, values=values)
+
+
+def token_logprobs(
+    logits: Tensor,  # [N, C, V] any float dtype
+    targets: Tensor,  # [N, C] long
+    *,
+    temperature: float = 1.0,
+    compute_entropy: bool = False,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, Tensor | None]:
+    """Float32 log-prob of ``targets`` (and entropy) under softmax(logits / temperature).
+
+    Works ``chunk_size`` positions at a time. Under autograd each chunk is checkpointed, so
+    only the model's own logits are kept for backward and the float32 log-softmax of a chunk is
+    recomputed there; no [N, C, V] float32 tensor ever exists at once.
+
+    Returns (logp [N, C] float32, entropy [N, C] float32 or None).
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+    def chunk_fn(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:  # [N, c, V], [N, c]
+        z_logp = torch.log_softmax(z.float() / temperature, dim=-1)
+        logp = z_logp.gather(-1, y[..., None]).squeeze(-1)
+        if not compute_entropy:
+            return logp, logp.new_zeros(())
+        return logp, -(z_logp.exp() * z_logp).sum(-1)
+
+    recompute = torch.is_grad_enabled() and logits.requires_grad
+    logps, entropies = [], []
+    for start in range(0, logits.shape[1], chunk_size):
+        z, y = logits[:, start : start + chunk_size], targets[:, start : start + chunk_size]
+        logp, ent = checkpoint(chunk_fn, z, y, use_reentrant=False) if recompute else chunk_fn(z, y)
+        logps.append(logp)
+        entropies.append(ent)
+    entropy = torch.cat(entropies, dim=1) if compute_entropy else None
+    return torch.cat(logps, dim=1), entropy

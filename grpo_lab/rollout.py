@@ -1,0 +1,488 @@
+"""Rollout engine: prompts -> G sampled completions per prompt, with masks and sampling log-probs.
+
+Shape legend: B prompts, G samples per prompt (``group_size``), N = B*G sequences, P prompt
+tokens (left-padded), C completion tokens (right-padded), V vocabulary size.
+
+Layout is prompt-major: rows ``[g*G:(g+1)*G]`` of every tensor are the G samples of prompt g.
+A completion's mask covers its tokens up to and including the first EOS; everything after is
+the pad id with mask 0. ``sampling_logp`` is the log-prob of each sampled token under
+``softmax(logits / temperature)`` of the raw model logits, i.e. before top-k / top-p truncation,
+so it equals what :func:`grpo_lab.models.completion_forward` computes for the same batch.
+
+Reproducibility: with ``generator=None`` sampling draws from torch's global RNG, so
+``torch.manual_seed(s)`` before :func:`generate` reproduces the same tokens. With a
+``generator``, one seed is drawn from it and sampling runs under that seed in a forked RNG state,
+leaving the global RNG untouched. Either way the same seed gives the same tokens only for the same
+prompts, ``batch_size``, device and library versions (chunks consume the RNG in order).
+
+The engine sits behind the narrow :class:`RolloutBackend` protocol; :class:`HFGenerateBackend`
+uses transformers ``generate``. A faster backend (shared-prefix KV cache, static cache with CUDA
+graphs, vLLM) only has to return the same :class:`RolloutBatch`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+Prompts = Sequence[str] | Sequence[Sequence[int]]
+
+
+@dataclass
+class RolloutBatch:
+    """N = B*G sequences, prompt-major: rows [g*G:(g+1)*G] are the G samples of prompt g."""
+
+    prompt_ids: Tensor  # [N, P] long, left-padded with the pad id
+    prompt_mask: Tensor  # [N, P] long, 1 on real prompt tokens
+    completion_ids: Tensor  # [N, C] long, pad id after the first EOS
+    completion_mask: Tensor  # [N, C] long, 1 up to and including the first EOS, 0 after
+    sampling_logp: Tensor  # [N, C] float32, log-prob under softmax(logits / T); 0 where mask is 0
+    truncated: Tensor  # [N] bool, no EOS within max_new_tokens
+    group_size: int  # G of the rollout; rows of a `select`ed subset keep this value
+
+    @property
+    def input_ids(self) -> Tensor:  # [N, P+C]
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> Tensor:  # [N, P+C]
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+    @property
+    def completion_lengths(self) -> Tensor:  # [N] long, EOS included
+        return self.completion_mask.sum(dim=1)
+
+    @property
+    def num_sequences(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    @property
+    def prompt_len(self) -> int:
+        return self.prompt_ids.shape[1]
+
+    @property
+    def completion_len(self) -> int:
+        return self.completion_ids.shape[1]
+
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        return self._map(lambda t: t.to(device))
+
+    def select(self, index: Tensor | slice) -> RolloutBatch:
+        """Rows ``index`` (e.g. a minibatch). ``group_size`` keeps the rollout's G: the subset
+        holds whole groups only if the caller selects them so (e.g. a slice of k*G rows at a
+        multiple of G)."""
+        return self._map(lambda t: t[index])
+
+    def _map(self, fn) -> RolloutBatch:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return RolloutBatch(**{k: fn(v) if isinstance(v, Tensor) else v for k, v in values.items()})
+
+
+class RolloutBackend(Protocol):
+    """Anything that turns prompts into a :class:`RolloutBatch`; see :func:`generate`."""
+
+    def generate(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        prompts: Prompts,
+        *,
+        group_size: int,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        ignore_eos: bool = False,
+        batch_size: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> RolloutBatch: ...
+
+
+@contextmanager
+def gather_params_for_generation(model: nn.Module) -> Iterator[None]:
+    """Under DeepSpeed ZeRO-3 gather every parameter once for the whole rollout; else a no-op.
+
+    ZeRO-3 parameters carry ``ds_id``; gathering them up front (read-only, no modifier rank)
+    avoids one all-gather per layer per decoding step. NOTE: the full model must fit in one
+    device's memory for the duration of the rollout.
+    """
+    params = list(model.parameters())
+    if not any(hasattr(p, "ds_id") and hasattr(p, "ds_status") for p in params):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params):
+        yield
+
+
+class _SampledLogProbRecorder(LogitsProcessor):
+    """Records log-softmax(logits / T) of each sampled token without keeping [N, C, V] logits.
+
+    transformers calls custom processors with the raw logits of step t after the built-in
+    processors (only the EOS suppression of ``min_new_tokens``, given the config we pass) and
+    before the temperature / top-k / top-p warpers. At that call ``input_ids`` ends with the
+    token sampled at step t-1, so the previous step's distribution can be gathered and dropped;
+    only one [N, V] float32 tensor is held at a time (``output_logits=True`` would keep C of them).
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.step_logp: list[Tensor] = []  # each [N]
+        self._pending: Tensor | None = None  # [N, V]
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self._pending is not None:
+            self.step_logp.append(self._gather(input_ids[:, -1]))
+        self._pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def _gather(self, tokens: Tensor) -> Tensor:  # tokens [N] -> [N]
+        return self._pending.gather(1, tokens[:, None]).squeeze(1)
+
+    def finish(self, completion_ids: Tensor) -> Tensor:  # [N, C] -> [N, C] float32
+        # NOTE: transformers may run a step past the stop and then undo it, so more steps than
+        # kept tokens can have been recorded; the first C are the kept ones.
+        c = completion_ids.shape[1]
+        logp = self.step_logp[:c]
+        if len(logp) < c:
+            logp.append(self._gather(completion_ids[:, len(logp)]))
+        if len(logp) != c:
+            raise RuntimeError(f"recorded {len(logp)} sampling steps for {c} completion tokens")
+        return torch.stack(logp, dim=1)
+
+
+class HFGenerateBackend:
+    """Rollouts with transformers ``generate`` (dynamic KV cache, one chunk at a time)."""
+
+    def generate(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        prompts: Prompts,
+        *,
+        group_size: int,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        ignore_eos: bool = False,
+        batch_size: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> RolloutBatch:
+        _check_args(group_size, max_new_tokens, temperature, top_p, top_k, batch_size)
+        lm = _generation_model(model)
+        prompt_tokens = _tokenize_prompts(tokenizer, prompts)
+        eos_ids = _resolve_eos_ids(lm, tokenizer, eos_token_id)
+        if not eos_ids and not ignore_eos:
+            raise ValueError("eos_token_id: none given and none found on the tokenizer or model")
+        pad_id = _resolve_pad_id(tokenizer, eos_ids)
+        config = _generation_config(
+            max_new_tokens, temperature, top_p, top_k, eos_ids, pad_id, ignore_eos
+        )
+        device = next(lm.parameters()).device
+
+        prompts_per_chunk = len(prompt_tokens)
+        if batch_size is not None:
+            prompts_per_chunk = max(1, batch_size // group_size)
+        chunks = []
+        was_training = lm.training
+        lm.eval()
+        try:
+            with torch.no_grad(), gather_params_for_generation(lm), _seeded(generator, device):
+                for start in range(0, len(prompt_tokens), prompts_per_chunk):
+                    chunk = prompt_tokens[start : start + prompts_per_chunk]
+                    chunks.append(
+                        _generate_chunk(
+                            lm, chunk, group_size, config, temperature, eos_ids, pad_id, ignore_eos
+                        )
+                    )
+        finally:
+            lm.train(was_training)
+        return _concat_chunks(chunks, pad_id, group_size)
+
+
+DEFAULT_BACKEND: RolloutBackend = HFGenerateBackend()
+
+
+def generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Prompts,
+    *,
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int | None = None,
+    eos_token_id: int | list[int] | None = None,
+    ignore_eos: bool = False,
+    batch_size: int | None = None,
+    generator: torch.Generator | None = None,
+) -> RolloutBatch:
+    """Sample ``group_size`` completions per prompt from the current policy (no grad).
+
+    Args:
+        model: a causal LM (plain, peft-wrapped or under DeepSpeed ZeRO-3), an object with a
+            ``generation_model`` attribute (e.g. ``PolicyWithValueHead``), or a DDP/DeepSpeed
+            wrapper (``.module``) around either. Its train/eval mode is restored afterwards.
+        tokenizer: tokenises string prompts with its defaults (``add_special_tokens=True``, so a
+            BOS is added only by tokenizers that add one by default); supplies the pad id and,
+            unless given, the EOS id. May be None when prompts are token ids and
+            ``eos_token_id`` is given (the first EOS id then pads).
+        prompts: B strings or B token-id sequences (each non-empty).
+        temperature: 0 means greedy decoding; ``sampling_logp`` is then taken at temperature 1.
+        top_p, top_k: nucleus / top-k truncation of the sampling distribution (``top_k=None``
+            disables it). ``sampling_logp`` is taken before truncation.
+        eos_token_id: stop token(s); default: the model's generation config, else the
+            tokenizer's EOS.
+        ignore_eos: generate exactly ``max_new_tokens`` tokens (EOS suppressed) for fixed-length
+            benchmarking; the mask is all ones and ``truncated`` all True. NOTE: the tokens are
+            then drawn with EOS removed, and ``sampling_logp`` is under that renormalised
+            distribution, so it is slightly above the policy's log-prob.
+        batch_size: at most this many sequences per ``generate`` call, in whole groups
+            (``max(1, batch_size // group_size)`` prompts per chunk); None means one call.
+        generator: see the module docstring on reproducibility.
+
+    Explicit values replace every sampling knob of the model's ``generation_config`` (which
+    may set e.g. ``top_k=20`` or a repetition penalty), so results do not depend on it.
+    """
+    return DEFAULT_BACKEND.generate(
+        model,
+        tokenizer,
+        prompts,
+        group_size=group_size,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        eos_token_id=eos_token_id,
+        ignore_eos=ignore_eos,
+        batch_size=batch_size,
+        generator=generator,
+    )
+
+
+def decode_completions(tokenizer: Any, batch: RolloutBatch) -> list[str]:
+    """Completion texts, up to but excluding the EOS, with special tokens skipped."""
+    lengths = batch.completion_lengths - (~batch.truncated).long()  # [N] drop the EOS
+    return [
+        tokenizer.decode(ids[:n].tolist(), skip_special_tokens=True)
+        for ids, n in zip(batch.completion_ids, lengths.tolist())
+    ]
+
+
+def completion_masks(
+    completion_ids: Tensor, eos_ids: list[int], pad_id: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Mask through the first EOS and re-pad after it.
+
+    Args:
+        completion_ids: [N, C] sampled tokens.
+    Returns:
+        (completion_ids [N, C] with pad id after the first EOS, mask [N, C] long with ones up to
+        and including the first EOS, truncated [N] bool: no EOS at all).
+    """
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
+    eos_before = is_eos.long().cumsum(dim=1) - is_eos.long()  # EOS count strictly before t
+    mask = (eos_before == 0).long()
+    return completion_ids.masked_fill(mask == 0, pad_id), mask, ~is_eos.any(dim=1)
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, length: int | None = None):
+    """Left-pad token lists to ``length`` (default: the longest).
+
+    Returns (ids [n, length] long, mask [n, length] long with ones on real tokens).
+    """
+    length = max(len(s) for s in sequences) if length is None else length
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, length - len(seq) :] = torch.as_tensor(list(seq), dtype=torch.long)
+            mask[row, length - len(seq) :] = 1
+    return ids, mask
+
+
+def _generate_chunk(
+    lm: nn.Module,
+    prompt_tokens: list[list[int]],
+    group_size: int,
+    config: GenerationConfig,
+    temperature: float,
+    eos_ids: list[int],
+    pad_id: int,
+    ignore_eos: bool,
+) -> RolloutBatch:
+    device = next(lm.parameters()).device
+    ids, mask = left_pad(prompt_tokens, pad_id)  # [b, p]
+    ids = ids.repeat_interleave(group_size, dim=0).to(device)  # [b*G, p], prompt-major
+    mask = mask.repeat_interleave(group_size, dim=0).to(device)
+    recorder = _SampledLogProbRecorder(temperature if temperature > 0 else 1.0)
+    out = lm.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        generation_config=config,
+        logits_processor=LogitsProcessorList([recorder]),
+    )
+    completion = out.sequences[:, ids.shape[1] :]  # [b*G, c]
+    logp = recorder.finish(completion)
+    if ignore_eos:
+        comp_mask = torch.ones_like(completion)
+        truncated = torch.ones(completion.shape[0], dtype=torch.bool, device=device)
+    else:
+        completion, comp_mask, truncated = completion_masks(completion, eos_ids, pad_id)
+    return RolloutBatch(
+        prompt_ids=ids,
+        prompt_mask=mask,
+        completion_ids=completion,
+        completion_mask=comp_mask,
+        sampling_logp=logp.masked_fill(comp_mask == 0, 0.0),
+        truncated=truncated,
+        group_size=group_size,
+    )
+
+
+def _concat_chunks(chunks: list[RolloutBatch], pad_id: int, group_size: int) -> RolloutBatch:
+    p = max(c.prompt_len for c in chunks)
+    c_len = max(c.completion_len for c in chunks)
+
+    def cat(name: str, width: int, value: float, left: bool) -> Tensor:
+        parts = []
+        for chunk in chunks:
+            t = getattr(chunk, name)
+            extra = width - t.shape[1]
+            pad = (extra, 0) if left else (0, extra)
+            parts.append(torch.nn.functional.pad(t, pad, value=value))
+        return torch.cat(parts, dim=0)
+
+    return RolloutBatch(
+        prompt_ids=cat("prompt_ids", p, pad_id, left=True),
+        prompt_mask=cat("prompt_mask", p, 0, left=True),
+        completion_ids=cat("completion_ids", c_len, pad_id, left=False),
+        completion_mask=cat("completion_mask", c_len, 0, left=False),
+        sampling_logp=cat("sampling_logp", c_len, 0.0, left=False),
+        truncated=torch.cat([c.truncated for c in chunks]),
+        group_size=group_size,
+    )
+
+
+def _generation_config(
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int | None,
+    eos_ids: list[int],
+    pad_id: int,
+    ignore_eos: bool,
+) -> GenerationConfig:
+    # NOTE: transformers fills every None field from the model's generation_config and then from
+    # global defaults (top_k=50), so "off" must be spelled out: top_k=0, top_p=1.0, penalties 1.0.
+    sample = temperature > 0
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens if ignore_eos else None,
+        do_sample=sample,
+        temperature=temperature if sample else 1.0,
+        top_p=top_p if sample else 1.0,
+        top_k=(top_k or 0) if sample else 0,
+        typical_p=1.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        min_length=0,
+        num_beams=1,
+        num_return_sequences=1,
+        eos_token_id=eos_ids or None,
+        pad_token_id=pad_id,
+        use_cache=True,
+        return_dict_in_generate=True,
+    )
+
+
+def _check_args(group_size, max_new_tokens, temperature, top_p, top_k, batch_size) -> None:
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be None or >= 1, got {top_k}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be None or >= 1, got {batch_size}")
+
+
+def _generation_model(model: nn.Module) -> nn.Module:
+    """The module whose ``generate`` to call: unwrap DDP/DeepSpeed, then ``generation_model``."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return getattr(model, "generation_model", model)
+
+
+def _tokenize_prompts(tokenizer: Any, prompts: Prompts) -> list[list[int]]:
+    if len(prompts) == 0:
+        raise ValueError("prompts: empty")
+    if all(isinstance(p, str) for p in prompts):
+        if tokenizer is None:
+            raise ValueError("tokenizer: required for string prompts")
+        tokens = tokenizer(list(prompts))["input_ids"]
+    elif any(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts: mix of strings and token ids")
+    else:
+        tokens = [[int(t) for t in p] for p in prompts]
+    empty = [i for i, t in enumerate(tokens) if len(t) == 0]
+    if empty:
+        raise ValueError(f"prompts: prompt(s) {empty} have no tokens")
+    return tokens
+
+
+def _as_list(ids: int | Sequence[int] | None) -> list[int]:
+    if ids is None:
+        return []
+    return [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
+
+
+def _resolve_eos_ids(lm: nn.Module, tokenizer: Any, eos_token_id) -> list[int]:
+    if eos_token_id is not None:
+        return _as_list(eos_token_id)
+    gen_config = getattr(lm, "generation_config", None)
+    from_model = _as_list(getattr(gen_config, "eos_token_id", None))
+    if from_model:
+        return from_model
+    return _as_list(getattr(tokenizer, "eos_token_id", None))
+
+
+def _resolve_pad_id(tokenizer: Any, eos_ids: list[int]) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is not None:
+        return int(pad)
+    if eos_ids:
+        return eos_ids[0]
+    raise ValueError("tokenizer: no pad_token_id and no eos_token_id to pad with")
+
+
+@contextmanager
+def _seeded(generator: torch.Generator | None, device: torch.device) -> Iterator[None]:
+    """Run under a seed drawn from ``generator`` in a forked RNG state (no-op when None)."""
+    if generator is None:
+        yield
+        return
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    cuda_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.default_generator.manual_seed(seed)
+        if cuda_devices:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
