@@ -227,22 +227,20 @@ def aggregate(
 def _clipped_surrogate(
     ratio: Tensor,  # [N, T] importance ratio the objective uses
     log_ratio: Tensor,  # [N, T] token log(pi / pi_old), for the KL diagnostic
-    advantages: Tensor,
-    mask: Tensor,
+    advantages: Tensor,  # [N] or [N, T]
+    mask: Tensor,  # [N, T] bool
     clip_low: float,
     clip_high: float | None,
     dual_clip: float | None,
     agg: str,
     counts: dict,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    if advantages.ndim == 1:
-        advantages = advantages[:, None]
-    if advantages.shape[0] != ratio.shape[0] or advantages.shape[1] not in (1, ratio.shape[1]):
+    adv = advantages[:, None] if advantages.ndim == 1 else advantages  # [N, 1] or [N, T]
+    if adv.ndim != 2 or adv.shape[0] != ratio.shape[0] or adv.shape[1] not in (1, ratio.shape[1]):
         raise ValueError(f"advantages must be [N] or [N, T], got {tuple(advantages.shape)}")
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
     clip_high = clip_low if clip_high is None else clip_high
-    adv = torch.where(mask, advantages, 0)  # [N, T]
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     per_token = torch.maximum(unclipped, clipped)
