@@ -14,7 +14,8 @@ Shape legend:
 
 Conventions:
     - Advantage estimators run under ``torch.no_grad()``: their outputs are targets.
-    - Values at padded positions never reach a result or a gradient, even if they are NaN/inf.
+    - Values at padded positions never reach a result or a gradient, even if they are NaN/inf
+      (``kl_penalty`` excepted: it is unmasked, see its NOTE).
     - Losses are normalised only by ``aggregate``; see its docstring for gradient accumulation.
 """
 
@@ -94,8 +95,9 @@ def group_advantages(
         - ``"batch"``: the standard deviation of all N rewards (the mean stays per group);
         - ``"none"``: no division, mean-centred only (Dr. GRPO, Liu et al. 2025,
           "Understanding R1-Zero-like training", which removes the std's difficulty bias).
-    Standard deviations are unbiased (divide by count - 1), matching ``torch.std``, the
-    DeepSeekMath reference and TRL, so numbers compare directly with TRL's GRPOTrainer.
+    Standard deviations are unbiased (divide by count - 1), as ``torch.std`` and TRL's
+    GRPOTrainer compute them, so results compare directly with TRL (NOTE: TRL adds eps=1e-4;
+    pass that to match it exactly).
     A group whose rewards are all identical gets advantage exactly 0 (also when G = 1).
     """
     if scale not in ADVANTAGE_SCALES:
@@ -460,23 +462,6 @@ def grpo_estimator(
     """GRPO: ``group_advantages`` of the sequence rewards with the given ``scale``."""
     rewards = masked_sum(token_rewards, mask, dim=-1)
     return _broadcast(group_advantages(rewards, group_size, scale=scale, eps=eps), mask)
-
-
-@register_advantage_estimator("dr_grpo")
-def dr_grpo_estimator(
-    token_rewards: Tensor,
-    mask: Tensor,
-    values: Tensor | None,
-    *,
-    group_size: int,
-    gamma: float = 1.0,
-    lam: float = 0.95,
-    scale: str = "group",
-    eps: float = 1e-6,
-) -> tuple[Tensor, Tensor]:
-    """Dr. GRPO: mean-centred group advantages; ``scale`` is ignored (always "none")."""
-    rewards = masked_sum(token_rewards, mask, dim=-1)
-    return _broadcast(group_advantages(rewards, group_size, scale="none", eps=eps), mask)
 
 
 @register_advantage_estimator("rloo")
