@@ -118,10 +118,23 @@ def load_reference(
     return model.eval().requires_grad_(False)
 
 
+def enable_gradient_checkpointing(model: nn.Module, checkpoint_kwargs: dict | None = None) -> None:
+    """Checkpoint every decoder layer (non-reentrant unless ``checkpoint_kwargs`` says so).
+
+    transformers 5.x renamed ``gradient_checkpointing_enable`` to
+    ``activation_checkpointing_enable``; the new name is used where it exists.
+    """
+    kwargs = {"use_reentrant": False} if checkpoint_kwargs is None else checkpoint_kwargs
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def _prepare_for_training(model: PreTrainedModel, gradient_checkpointing: bool) -> PreTrainedModel:
     model.config.use_cache = False
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     return model
 
 
@@ -193,9 +206,8 @@ class PolicyWithValueHead(nn.Module):
         """The module :func:`grpo_lab.rollout.generate` samples from."""
         return self.lm
 
-    def gradient_checkpointing_enable(self, **kwargs) -> None:
-        kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
-        self.lm.gradient_checkpointing_enable(**kwargs)
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
+        enable_gradient_checkpointing(self.lm, gradient_checkpointing_kwargs)
 
     def forward(
         self,
@@ -264,9 +276,8 @@ class Critic(nn.Module):
     def config(self) -> PretrainedConfig:
         return self.backbone.config
 
-    def gradient_checkpointing_enable(self, **kwargs) -> None:
-        kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
-        self.backbone.gradient_checkpointing_enable(**kwargs)
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
+        enable_gradient_checkpointing(self.backbone, gradient_checkpointing_kwargs)
 
     def forward(
         self,
