@@ -1,0 +1,159 @@
+"""In-process answer normalisation: plain numbers and compact LaTeX strings.
+
+Nothing here evaluates text: numbers are read with regular expressions into exact
+``fractions.Fraction`` values, so this module is safe to run on model output in the trainer process.
+
+Plain-number grammar (:func:`parse_number`)
+--------------------------------------------
+After stripping whitespace, math delimiters (``$...$``, ``\\(...\\)``, ``\\[...\\]``), a whole-string
+``\\boxed{}``/``\\text{}``/``\\textbf{}``/``\\mathrm{}`` wrapper, LaTeX spacing (``\\,`` ``\\!``
+``\\;`` ``\\ `` ``\\quad``), ``{,}`` and a trailing period, the text must be exactly one of:
+
+* an integer or decimal, with an optional sign, optional thousands separators in groups of three
+  (``1,234,567.5``; ``1,23`` is NOT a number, it reads as a list) and an optional leading ``.``
+  (``.5``);
+* a fraction ``a/b``, ``\\frac{a}{b}``, ``\\dfrac{a}{b}``, ``\\tfrac{a}{b}`` or ``\\frac12``
+  (single-digit shorthand), ``a`` and ``b`` being numbers as above; a zero denominator is not a
+  number.
+
+It may carry a currency sign (``$5``, ``\\$5``, ``-$5``, ``$-5``), a percent sign (``50%``,
+``50\\%``, ``50 percent``), a degree sign (``30^\\circ``, ``30°``), and, when ``allow_units`` is
+true, trailing unit text: ``\\text{...}``/``\\mbox{...}``/``\\mathrm{...}`` holding only letters (an
+optional ``^2``/``^3`` after it), or one to three plain words of two or more letters
+(``18 dollars``, ``5 cm``). Unit stripping is conservative: single letters (``3i``, ``4 x``) and
+words that change the value or the meaning (``pi``, ``or``, ``million``, ``squared``, ...) are never
+stripped, so such answers are not plain numbers and go to the symbolic checker.
+
+NOTE: the percent sign is a unit and is dropped: ``50%`` reads as 50, not 0.5.
+"""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+__all__ = ["compact_latex", "parse_number"]
+
+# Longer strings are not plain numbers: keeps int() far from its 4300-digit conversion limit.
+MAX_NUMBER_CHARS = 400
+
+_UNSIGNED = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+"
+_PLAIN = re.compile(rf"(?P<sign>[+-]?)\s*(?P<num>{_UNSIGNED})")
+_SLASH = re.compile(rf"(?P<sign>[+-]?)\s*(?P<num>{_UNSIGNED})\s*/\s*(?P<den>{_UNSIGNED})")
+_FRAC = re.compile(
+    r"(?P<sign>[+-]?)\s*\\[dt]?frac\s*"
+    rf"(?:\{{\s*(?P<num>[+-]?(?:{_UNSIGNED}))\s*\}}|(?P<num1>\d))\s*"
+    rf"(?:\{{\s*(?P<den>{_UNSIGNED})\s*\}}|(?P<den1>\d))"
+)
+
+_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
+_WRAPPER = re.compile(r"\\(?:boxed|fbox|text|textbf|mathbf|mathrm)\s*\{")
+_SPACING = re.compile(r"\\[,;:! ]|\\q?quad(?![A-Za-z])|\\displaystyle(?![A-Za-z])")
+_LEFT_RIGHT = re.compile(r"\\(?:left|right)(?![A-Za-z])")
+_CURRENCY = re.compile(r"^([+-]?)\\?\$")
+_PERCENT = re.compile(r"(?:\\%|%|\s*\bper\s*cent\b|\s*\bpercent\b)$", re.IGNORECASE)
+_DEGREES = re.compile(r"(?:\^\s*\{?\\circ\}?|°)$")
+_TEXT_UNIT = re.compile(
+    r"\\(?:text|textrm|mbox|mathrm)\s*\{\s*(?P<words>[A-Za-z][A-Za-z .]*)\}(?:\^\{?[23]\}?)?$"
+)
+_WORD_UNITS = re.compile(r"(?<=[\d}%])\s+(?P<words>[A-Za-z]{2,}(?:\s+[A-Za-z]{2,}){0,2})$")
+
+# Words that change the value or the meaning of the number before them.
+_NOT_UNITS = frozenset(
+    "pi or and to times plus minus over divided by squared cubed sqrt root roots hundred hundreds "
+    "thousand thousands million millions billion billions trillion trillions dozen dozens half "
+    "halves third thirds quarter quarters tenths hundredths thousandths infinity inf more less "
+    "than not no".split()
+)
+
+
+def _unwrap_once(s: str) -> str:
+    for opener, closer in _DELIMITERS:
+        if s.startswith(opener) and s.endswith(closer) and len(s) >= len(opener) + len(closer):
+            return s[len(opener) : len(s) - len(closer)].strip()
+    match = _WRAPPER.match(s)
+    if match is not None and s.endswith("}"):
+        inner = s[match.end() : -1]
+        if _braces_balanced(inner):
+            return inner.strip()
+    return s
+
+
+def _braces_balanced(s: str) -> bool:
+    depth = 0
+    i = 0
+    while i < len(s):
+        if s[i] == "\\":
+            i += 2
+            continue
+        if s[i] == "{":
+            depth += 1
+        elif s[i] == "}":
+            depth -= 1
+            if depth < 0:
+                return False
+        i += 1
+    return depth == 0
+
+
+def _strip_units(s: str) -> str:
+    while True:
+        match = _TEXT_UNIT.search(s) or _WORD_UNITS.search(s)
+        if match is None:
+            return s
+        words = match.group("words").lower().replace(".", " ").split()
+        if not words or any(w in _NOT_UNITS for w in words):
+            return s
+        s = s[: match.start()].rstrip()
+
+
+def _number(text: str) -> Fraction:
+    return Fraction(text.replace(",", ""))
+
+
+def parse_number(text: str, *, allow_units: bool = True) -> Fraction | None:
+    """Exact value of ``text`` if it is a plain number (grammar in the module doc), else ``None``."""
+    s = text.strip().replace("\u2212", "-")
+    if len(s) > MAX_NUMBER_CHARS:
+        return None
+    previous = None
+    while previous != s:
+        previous = s
+        s = _unwrap_once(s)
+    s = _SPACING.sub("", s).replace("{,}", ",").strip().rstrip(".").strip()
+    if allow_units:
+        s = _strip_units(s)
+    s = _DEGREES.sub("", _PERCENT.sub("", s)).strip()
+    s = _CURRENCY.sub(r"\1", s).strip()
+    if not s:
+        return None
+    match = _PLAIN.fullmatch(s)
+    if match is not None:
+        value = _number(match["num"])
+    elif (match := _SLASH.fullmatch(s) or _FRAC.fullmatch(s)) is not None:
+        groups = match.groupdict()
+        numerator = _number(groups.get("num") or groups.get("num1"))
+        denominator = _number(groups.get("den") or groups.get("den1"))
+        if denominator == 0:
+            return None
+        value = numerator / denominator
+    else:
+        return None
+    return -value if match["sign"] == "-" else value
+
+
+def compact_latex(text: str) -> str:
+    """``text`` with layout-only differences removed, for exact string comparison.
+
+    Drops math delimiters and whole-string wrappers (as :func:`parse_number`), LaTeX spacing,
+    ``\\left``/``\\right``, all whitespace and a trailing period; ``\\dfrac``/``\\tfrac`` become
+    ``\\frac``. Two answers with the same compact form are the same answer.
+    """
+    s = text.strip()
+    previous = None
+    while previous != s:
+        previous = s
+        s = _unwrap_once(s)
+    s = _LEFT_RIGHT.sub("", _SPACING.sub("", s))
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    return "".join(s.split()).rstrip(".")
