@@ -5,7 +5,13 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import WordLevel
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from grpo_lab import models
 from grpo_lab.models import (
@@ -38,6 +44,21 @@ def tiny_config(**overrides) -> Qwen2Config:
 def tiny_lm(seed: int = 0) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(tiny_config()).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    """Absolute position embeddings: unlike RoPE, a constant position shift changes logits."""
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=4,
+        vocab_size=VOCAB,
+        n_positions=64,
+        bos_token_id=1,
+        eos_token_id=1,
+    )
+    return GPT2LMHeadModel(config).eval()
 
 
 def ragged_batch(completion_len: int = 4):
@@ -103,8 +124,9 @@ def hidden_reference(lm, ids, mask):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_logp_and_entropy_match_plain_reference(temperature):
-    lm = tiny_lm()
+@pytest.mark.parametrize("make_lm", [tiny_lm, tiny_gpt2])
+def test_logp_and_entropy_match_plain_reference(make_lm, temperature):
+    lm = make_lm()
     ids, mask = ragged_batch()
     with torch.no_grad():
         out = completion_forward(lm, ids, mask, 4, temperature=temperature, compute_entropy=True)
