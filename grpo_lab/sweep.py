@@ -595,6 +595,25 @@ def plan_runs(spec: SweepSpec) -> list[RunPlan]:
     return runs
 
 
+def check_runs(spec: SweepSpec, runs: Sequence[RunPlan]) -> None:
+    """Load every run's config (recipe + overrides) so a typo fails now, not once per run.
+
+    Raises :class:`SweepError` listing each run whose config does not load or validate.
+    """
+    from grpo_lab.config import ConfigError, load_config
+
+    problems = []
+    for run in runs:
+        try:
+            load_config(run.recipe, run.overrides)
+        except ConfigError as e:
+            problems.append(f"  {run.label}: {e}")
+    if problems:
+        raise SweepError(
+            f"{spec.path}: {len(problems)} run(s) have an invalid config:\n" + "\n".join(problems)
+        )
+
+
 def run_command(cmd: Sequence[str], log_path: Path, *, env: dict[str, str] | None = None) -> int:
     """Run ``cmd``, streaming its stdout+stderr to this console and appending it to ``log_path``.
 
@@ -613,6 +632,7 @@ def run_command(cmd: Sequence[str], log_path: Path, *, env: dict[str, str] | Non
                 log.flush()
                 sys.stdout.write(decoder.decode(chunk))
                 sys.stdout.flush()
+            sys.stdout.write(decoder.decode(b"", final=True))
             return proc.wait()
         except BaseException:
             proc.kill()
@@ -659,6 +679,7 @@ def run_sweep(
         )
         _say(f"report: {result.summary.report_path}")
         return result
+    check_runs(spec, runs)
     if dry_run:
         for i, run in enumerate(runs, 1):
             state = (
@@ -694,6 +715,7 @@ def run_sweep(
             f"{tag}: {'resuming' if resume else 'starting'} "
             f"(elapsed {_hms(time.monotonic() - start)}{eta})\n  $ {shlex.join(cmd)}"
         )
+        run.dir.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
         code = run_command(cmd, run.dir / LOG, env=env)
         seconds = time.monotonic() - t0
@@ -704,7 +726,6 @@ def run_sweep(
             "seconds": round(seconds, 3),
             "at": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        run.dir.mkdir(parents=True, exist_ok=True)
         if code == 0:
             (run.dir / FAILED).unlink(missing_ok=True)
             (run.dir / DONE).write_text(json.dumps(marker, indent=1) + "\n")
@@ -748,7 +769,8 @@ def _write_manifest(spec: SweepSpec, runs: list[RunPlan]) -> None:
             for run in runs
         ],
     }
-    (spec.output_dir / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    text = json.dumps(manifest, indent=1, default=str)
+    (spec.output_dir / MANIFEST).write_text(text + "\n", encoding="utf-8")
 
 
 def _say(message: str) -> None:
@@ -953,9 +975,6 @@ def estimate(values: Iterable[float | None], confidence: float = CONFIDENCE) -> 
     return Estimate(mean, half, len(present))
 
 
-HEADLINE = ("peak_mem_gib", "step_time_s", "final_acc", "target_steps", "target_wall_s")
-
-
 @dataclass
 class GroupSummary:
     """One variant at one grid point, over its finished seeds."""
@@ -964,7 +983,9 @@ class GroupSummary:
     variant: str
     grid: dict[str, Any]
     runs: list[RunStats]
-    metrics: dict[str, Estimate | None]  # HEADLINE keys plus gen/train tokens/s, samples/s, mfu
+    # peak_mem_gib, step_time_s, final_acc, target_steps, target_wall_s, gen_tokens_per_s,
+    # train_tokens_per_s, samples_per_s, mfu
+    metrics: dict[str, Estimate | None]
     ratios: dict[str, float | None]  # same keys: mean / the baseline group's mean
     peak_mem_kind: str | None
     final_acc_source: str | None  # "eval", "train", "mixed" or None
@@ -1001,7 +1022,6 @@ def aggregate_sweep(
     *,
     baseline: str | None = None,
     target_accuracy: float | None = None,
-    confidence: float = CONFIDENCE,
 ) -> SweepSummary:
     """Read every run under ``output_dir``; write ``report.md``, ``summary.csv`` and PNG plots.
 
@@ -1053,7 +1073,6 @@ def aggregate_sweep(
         _summarise_group(
             [r for r in runs if r.group == g and r.status == "finished"],
             [r for r in runs if r.group == g][0],
-            confidence,
         )
         for g in order
     ]
@@ -1066,18 +1085,18 @@ def aggregate_sweep(
     _write_csv(csv_path, groups)
     plots, plot_note = _write_plots(out, groups, target_accuracy)
     summary = SweepSummary(
-        out,
-        name,
-        baseline,
-        target_accuracy,
-        groups,
-        runs,
-        out / "report.md",
-        csv_path,
-        plots,
-        manifest,
+        output_dir=out,
+        name=name,
+        baseline=baseline,
+        target_accuracy=target_accuracy,
+        groups=groups,
+        runs=runs,
+        report_path=out / "report.md",
+        csv_path=csv_path,
+        plots=plots,
+        manifest=manifest,
     )
-    summary.report_path.write_text(_report(summary, confidence, plot_note), encoding="utf-8")
+    summary.report_path.write_text(_report(summary, plot_note), encoding="utf-8")
     return summary
 
 
@@ -1096,9 +1115,8 @@ def _discover_runs(out: Path) -> list[tuple[str, str, dict, int, Path]]:
     return entries
 
 
-def _summarise_group(runs: list[RunStats], first: RunStats, confidence: float) -> GroupSummary:
-    def est(values):
-        return estimate(values, confidence)
+def _summarise_group(runs: list[RunStats], first: RunStats) -> GroupSummary:
+    est = estimate
 
     reached = [r.target for r in runs if r.target is not None]
     metrics = {
@@ -1394,11 +1412,11 @@ _SOURCE = {
 }
 
 
-def _report(s: SweepSummary, confidence: float, plot_note: str | None) -> str:
+def _report(s: SweepSummary, plot_note: str | None) -> str:
     groups = s.groups
     n_finished = sum(r.status == "finished" for r in s.runs)
     seeds = sorted({r.seed for r in s.runs})
-    conf = f"{confidence:.0%}"
+    conf = f"{CONFIDENCE:.0%}"
     lines = [f"# Sweep `{s.name}`", ""]
     lines += [
         f"{len(groups)} configurations ({', '.join(f'`{g.group}`' for g in groups)}), "
@@ -1514,12 +1532,14 @@ def _report(s: SweepSummary, confidence: float, plot_note: str | None) -> str:
         head.append("peak reserved")
     head += [f"{p} peak" for p in peak_phases] + [f"static {k}" for k in static]
     lines += _table(head, rows)
-    lines += [
-        "",
-        f"Peak = {mem_def}. Phase peaks are the highest CUDA allocation inside each "
-        "phase; *static* columns are the parameter, gradient and optimizer-state sizes "
-        "measured after the first step.",
-    ]
+    notes = [f"*Peak*: {mem_def}."]
+    if peak_phases:
+        notes.append("*<phase> peak*: the highest CUDA allocation while that phase ran.")
+    if static:
+        notes.append(
+            "*static*: parameter, gradient and optimizer-state sizes of each model after step 1."
+        )
+    lines += ["", " ".join(notes)]
 
     lines += ["", "## Throughput", ""]
     rate_keys = [
@@ -1533,10 +1553,16 @@ def _report(s: SweepSummary, confidence: float, plot_note: str | None) -> str:
             for g in groups
         ]
         lines += _table(["objective", *rate_keys], rows)
+        meaning = {
+            "gen_tokens_per_s": "generated tokens per rollout second",
+            "train_tokens_per_s": "trained tokens per update second",
+            "samples_per_s": "sequences per step second",
+            "mfu": "model FLOPs utilisation",
+        }
         lines += [
             "",
-            "Generated tokens per rollout second, trained tokens per update second, "
-            "samples per step second, model FLOPs utilisation; mean over steps then seeds.",
+            "; ".join(f"*{k}*: {meaning[k]}" for k in rate_keys)
+            + ". Mean over steps, then over seeds.",
         ]
     else:
         lines.append("No throughput was logged.")
