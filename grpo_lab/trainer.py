@@ -32,8 +32,10 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from grpo_lab import algos
+from grpo_lab.checkpoint import CheckpointError, fingerprint, load_checkpoint, resolve_resume, save_checkpoint
 from grpo_lab.config import Config, save_config
 from grpo_lab.data import PromptSampler, load_problems, render_prompt
+from grpo_lab.evaluation import evaluate
 from grpo_lab.harness import Harness, MetricsWriter, footprint_metrics, format_step_line, model_footprint
 from grpo_lab.models import (
     PolicyWithValueHead,
@@ -82,6 +84,7 @@ class Trainer:
         self.acc = accelerator or build_accelerator(cfg)
         self.world = self.acc.num_processes
         self.rank = self.acc.process_index
+        cfg.validate(num_processes=self.world)
         set_seed(cfg.seed, device_specific=True)
         self.out_dir = Path(cfg.output_dir)
         if self.acc.is_main_process:
@@ -94,6 +97,12 @@ class Trainer:
         self._build_models()
         self._build_optimizers()
         self.harness = Harness(self.acc.device, n_params=self._n_policy_params, peak_flops=self._peak_override())
+        self.global_step = 0
+        self.skipped_in_a_row = 0
+        self.skipped_total = 0
+        # The sampler position and harness counters travel with every checkpoint.
+        self.acc.register_for_checkpointing(self.sampler, self.harness)
+        self._resume()
         self.writer = MetricsWriter(
             self.out_dir / "metrics.jsonl",
             accelerator=self.acc if cfg.harness.report_to else None,
@@ -101,9 +110,6 @@ class Trainer:
         )
         if cfg.harness.report_to:
             self.acc.init_trackers("grpo_lab", config=None)
-        self.global_step = 0
-        self.skipped_in_a_row = 0
-        self.skipped_total = 0
 
     # ------------------------------------------------------------------ setup
     def _peak_override(self) -> float | None:
@@ -117,12 +123,7 @@ class Trainer:
         self.eval_problems = load_problems(
             d.name, split="test", path=d.eval_path, limit=d.num_eval, seed=self.cfg.seed, **arith
         )
-        B = self.cfg.rollout.prompts_per_step
-        if B % self.world:
-            raise ValueError(
-                f"rollout.prompts_per_step={B} must be divisible by the number of processes ({self.world}) "
-                "so that each process holds whole groups"
-            )
+        B = self.cfg.rollout.prompts_per_step  # divisible by the process count (Config.validate)
         # Every rank draws the same global batch (same seed) and keeps its own slice of prompts:
         # a prompt's G samples always live on one rank, so group statistics need no gather.
         self.sampler = PromptSampler(self.train_problems, batch_size=B, seed=self.cfg.seed)
@@ -168,6 +169,46 @@ class Trainer:
             )
         if self.reference is not None:
             self.reference = self.acc.prepare_model(self.reference, evaluation_mode=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _fingerprint(self) -> dict:
+        m = self.cfg.model
+        extra = {"algorithm": self.cfg.algorithm, "value_mode": self.value_mode, "model": m.name_or_path,
+                 "lora_r": m.lora.r, "world_size": self.world}
+        models = {"policy": self.acc.unwrap_model(self.policy)}
+        if self.critic is not None:
+            models["critic"] = self.acc.unwrap_model(self.critic)
+        return fingerprint(models, extra)
+
+    def _resume(self) -> None:
+        path = resolve_resume(self.cfg.resume, self.out_dir)
+        if path is None:
+            if self.acc.is_main_process:
+                # A fresh run starts a fresh metrics file rather than appending to a stale one.
+                (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+            if self.cfg.resume == "auto":
+                logger.info("resume=auto: no complete checkpoint in %s, starting fresh", self.out_dir)
+            return
+        state = load_checkpoint(self.acc, path, self._fingerprint())
+        self.global_step = state["step"]
+        self.skipped_total = state["skipped_total"]
+        self.skipped_in_a_row = state["skipped_in_a_row"]
+        if self.acc.is_main_process:
+            # Rows written after the checkpoint are redone by this run, exactly as before.
+            MetricsWriter.truncate_after(self.out_dir / "metrics.jsonl", self.global_step)
+        self.acc.wait_for_everyone()
+        logger.info("resumed from %s at step %d", path, self.global_step)
+
+    def save_checkpoint(self) -> None:
+        state = {"step": self.global_step, "skipped_total": self.skipped_total,
+                 "skipped_in_a_row": self.skipped_in_a_row, "fingerprint": self._fingerprint()}
+        try:
+            path = save_checkpoint(self.acc, self.out_dir, self.global_step, state, keep=self.cfg.checkpoint.keep)
+        except CheckpointError as e:
+            # The run goes on: the previous checkpoint is intact and the next save may succeed.
+            logger.error("%s", e)
+            return
+        logger.info("checkpoint written: %s", path)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -466,6 +507,34 @@ class Trainer:
             fps["reference"] = model_footprint(self.acc.unwrap_model(self.reference))
         return footprint_metrics(fps)
 
+    def evaluate(self) -> dict[str, float]:
+        """Greedy held-out accuracy; each process scores its share of the eval problems."""
+        cfg = self.cfg
+        local = self.eval_problems[self.rank :: self.world]
+        correct = 0.0
+        if local:
+            model = self.generation_model
+            with gather_params_for_generation(model):
+                res = evaluate(
+                    model, self.tokenizer, local, max_new_tokens=cfg.rollout.max_new_tokens, k=1,
+                    template=cfg.data.template, use_chat_template=cfg.data.use_chat_template,
+                    system_prompt=cfg.data.system_prompt, batch_size=cfg.rollout.batch_size or 256,
+                    timeout_s=cfg.reward.timeout_s,
+                )
+            correct = res["eval/greedy_acc"] * len(local)
+        s = self._global_sum(torch.tensor([correct, float(len(local))], device=self.acc.device))
+        return {"step": self.global_step, "eval/greedy_acc": float(s[0] / s[1].clamp(min=1)), "eval/n": float(s[1])}
+
+    def _maybe_evaluate(self, force: bool = False) -> None:
+        every = self.cfg.trainer.eval_every
+        due = force or (every > 0 and self.global_step % every == 0)
+        if due and self.eval_problems:
+            record = self.evaluate()
+            self.writer.write(record)
+            if self.acc.is_main_process:
+                logger.info("eval step %d: greedy accuracy %.3f on %d held-out problems",
+                            record["step"], record["eval/greedy_acc"], int(record["eval/n"]))
+
     # ------------------------------------------------------------------ loop
     def train(self) -> list[dict]:
         from tqdm.auto import tqdm
@@ -476,6 +545,8 @@ class Trainer:
             total=cfg.trainer.max_steps, initial=self.global_step, desc=f"{cfg.algorithm}",
             disable=not (cfg.trainer.progress_bar and self.acc.is_main_process), dynamic_ncols=True,
         )
+        if self.global_step == 0:
+            self._maybe_evaluate(force=True)
         while self.global_step < cfg.trainer.max_steps:
             record = self.step()
             if self.global_step == 1:
@@ -486,7 +557,13 @@ class Trainer:
             bar.set_postfix(reward=f"{record['reward/mean']:.3f}", step_s=f"{record['time/step_s']:.2f}")
             if cfg.trainer.log_every and self.global_step % cfg.trainer.log_every == 0 and not cfg.trainer.progress_bar:
                 logger.info(format_step_line(record))
+            every = cfg.checkpoint.every
+            if every and self.global_step % every == 0:
+                self.save_checkpoint()
+            if self.global_step < cfg.trainer.max_steps:
+                self._maybe_evaluate()
         bar.close()
+        self._maybe_evaluate(force=True)
         self.save(self.out_dir / "final")
         self.writer.close()
         if cfg.harness.report_to:
