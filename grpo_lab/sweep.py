@@ -848,7 +848,7 @@ class RunStats:
     grid: dict[str, Any]
     seed: int
     dir: Path
-    status: str  # finished | failed | partial | missing
+    status: str  # finished | failed | partial | not started
     steps: int = 0
     total_s: float | None = None
     peak_mem_gib: float | None = None
@@ -886,7 +886,7 @@ def summarise_run(
         if (run_dir / FAILED).exists()
         else "partial"
         if (run_dir / "metrics.jsonl").exists()
-        else "missing"
+        else "not started"
     )
     stats = RunStats(group, variant, grid, seed, run_dir, status)
     if not (run_dir / "metrics.jsonl").exists():
