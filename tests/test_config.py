@@ -346,21 +346,10 @@ def test_optional_bounds_skip_null():
             ["model.lora.r=8", "model.lora.target_modules=[]"],
             ["model.lora.target_modules", "model.lora.r"],
         ),
-        (["trainer.warmup_steps=101"], ["trainer.warmup_steps", "trainer.max_steps"]),
         # 16 prompts * 8 = 128 sequences do not split into 3 minibatches.
         (
             ["trainer.num_minibatches=3"],
             ["rollout.prompts_per_step", "rollout.group_size", "trainer.num_minibatches"],
-        ),
-        # 128 / 4 minibatches = 32 sequences, not a multiple of 12.
-        (
-            ["trainer.num_minibatches=4", "trainer.micro_batch_size=12"],
-            ["trainer.micro_batch_size", "trainer.num_minibatches"],
-        ),
-        # 2 prompts * 8 = 16 sequences, smaller than a micro-batch of 32.
-        (
-            ["rollout.prompts_per_step=2", "trainer.micro_batch_size=32"],
-            ["trainer.micro_batch_size", "rollout.prompts_per_step"],
         ),
     ],
 )
@@ -382,6 +371,9 @@ def test_cross_field_errors_name_the_keys(overrides, keys):
             "trainer.micro_batch_size=8",
         ],  # 128 / 16 = 8 = 1 micro-batch
         ["trainer.warmup_steps=100"],
+        ["trainer.warmup_steps=101"],  # a short smoke run of a recipe with warm-up
+        ["trainer.num_minibatches=4", "trainer.micro_batch_size=12"],  # ragged last micro-batch
+        ["rollout.prompts_per_step=2", "trainer.micro_batch_size=32"],  # one short micro-batch
     ],
 )
 def test_valid_combinations_pass(overrides):
@@ -395,7 +387,7 @@ def test_valid_combinations_pass(overrides):
         (16, [], None),  # 16 prompts * 8 / 16 = 8 sequences = one micro-batch of 8
         (3, [], "rollout.prompts_per_step"),  # 16 prompts over 3 processes
         (2, ["trainer.num_minibatches=8"], None),  # 128 / 2 / 8 = 8 sequences
-        (2, ["trainer.num_minibatches=16"], "trainer.micro_batch_size"),  # 128 / 2 / 16 = 4 < 8
+        (2, ["trainer.num_minibatches=16"], None),  # 128 / 2 / 16 = 4 < 8: one short micro-batch
         # 4 prompts * 2 = 8 sequences split into 8 minibatches on one process, not on two.
         (
             2,
