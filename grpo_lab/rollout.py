@@ -7,7 +7,8 @@ Layout is prompt-major: rows ``[g*G:(g+1)*G]`` of every tensor are the G samples
 A completion's mask covers its tokens up to and including the first EOS; everything after is
 the pad id with mask 0. ``sampling_logp`` is the log-prob of each sampled token under
 ``softmax(logits / temperature)`` of the raw model logits, i.e. before top-k / top-p truncation,
-so it equals what :func:`grpo_lab.models.completion_forward` computes for the same batch.
+so it equals what :func:`grpo_lab.models.completion_forward` computes for the same batch (greedy
+decoding uses temperature 1; ``ignore_eos`` is the one exception, see :func:`generate`).
 
 Reproducibility: with ``generator=None`` sampling draws from torch's global RNG, so
 ``torch.manual_seed(s)`` before :func:`generate` reproduces the same tokens. With a
@@ -111,8 +112,8 @@ def gather_params_for_generation(model: nn.Module) -> Iterator[None]:
     """Under DeepSpeed ZeRO-3 gather every parameter once for the whole rollout; else a no-op.
 
     ZeRO-3 parameters carry ``ds_id``; gathering them up front (read-only, no modifier rank)
-    avoids one all-gather per layer per decoding step. NOTE: the full model must fit in one
-    device's memory for the duration of the rollout.
+    avoids one all-gather per layer per decoding step. NOTE: the gather is a collective, so every
+    rank must enter it, and the full model must fit in one device's memory during the rollout.
     """
     params = list(model.parameters())
     if not any(hasattr(p, "ds_id") and hasattr(p, "ds_status") for p in params):
@@ -249,12 +250,13 @@ def generate(
             benchmarking; the mask is all ones and ``truncated`` all True. NOTE: the tokens are
             then drawn with EOS removed, and ``sampling_logp`` is under that renormalised
             distribution, so it is slightly above the policy's log-prob.
-        batch_size: at most this many sequences per ``generate`` call, in whole groups
-            (``max(1, batch_size // group_size)`` prompts per chunk); None means one call.
+        batch_size: sequences per ``generate`` call, in whole groups: each call takes
+            ``max(1, batch_size // group_size)`` prompts; None means a single call.
         generator: see the module docstring on reproducibility.
 
-    Explicit values replace every sampling knob of the model's ``generation_config`` (which
-    may set e.g. ``top_k=20`` or a repetition penalty), so results do not depend on it.
+    Explicit values replace the model's ``generation_config`` for temperature, top-k/p,
+    typical-p, repetition penalty, n-gram ban and minimum length (checkpoints often ship e.g.
+    ``top_k=20``), so results do not depend on it.
     """
     return DEFAULT_BACKEND.generate(
         model,
@@ -394,11 +396,11 @@ def _generation_config(
         do_sample=sample,
         temperature=temperature if sample else 1.0,
         top_p=top_p if sample else 1.0,
-        top_k=(top_k or 0) if sample else 0,
+        top_k=(top_k or 0) if sample else None,  # greedy never applies top-k
         typical_p=1.0,
         repetition_penalty=1.0,
         no_repeat_ngram_size=0,
-        min_length=0,
+        min_length=None if ignore_eos else 0,  # min_new_tokens overrides it
         num_beams=1,
         num_return_sequences=1,
         eos_token_id=eos_ids or None,
