@@ -67,7 +67,9 @@ def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | 
         return ckpts[-1] if ckpts else None
     path = Path(resume)
     if not (path / MARKER).is_file():
-        raise CheckpointError(f"resume={resume!r}: not a complete checkpoint folder (no {MARKER} file)")
+        raise CheckpointError(
+            f"resume={resume!r}: not a complete checkpoint folder (no {MARKER} file)"
+        )
     return path
 
 
@@ -93,11 +95,14 @@ def check_fingerprint(saved: dict, current: dict, path: Path) -> None:
     ]
     if diffs:
         raise CheckpointError(
-            f"cannot resume from {path}: it was written by a different setup\n  " + "\n  ".join(diffs)
+            f"cannot resume from {path}: it was written by a different setup\n  "
+            + "\n  ".join(diffs)
         )
 
 
-def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state: dict, *, keep: int) -> Path:
+def save_checkpoint(
+    accelerator, output_dir: str | os.PathLike, step: int, state: dict, *, keep: int
+) -> Path:
     """Write a complete checkpoint for `step` atomically; prune to the newest `keep`.
 
     Every process must call this (DeepSpeed writes its shards from each rank). On failure the
@@ -126,7 +131,9 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state
     if not ok:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"saving checkpoint {final} failed ({error}); the previous checkpoint is kept")
+        raise CheckpointError(
+            f"saving checkpoint {final} failed ({error}); the previous checkpoint is kept"
+        )
     if accelerator.is_main_process:
         if final.exists():
             shutil.rmtree(final)
@@ -142,10 +149,14 @@ def load_checkpoint(accelerator, path: Path, current_fingerprint: dict) -> dict:
     try:
         state = json.loads((path / STATE_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt: cannot read {STATE_FILE} ({e})") from e
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: cannot read {STATE_FILE} ({e})"
+        ) from e
     check_fingerprint(state.get("fingerprint", {}), current_fingerprint, path)
     try:
         accelerator.load_state(str(path))
     except Exception as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt or incomplete: {type(e).__name__}: {e}") from e
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or incomplete: {type(e).__name__}: {e}"
+        ) from e
     return state

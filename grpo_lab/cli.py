@@ -75,17 +75,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     dataset = args.dataset or (data.name if data else "arith")
     arith = {}
     if data is not None and dataset == "arith":
-        arith = {"max_value": data.max_value, "num_operands": data.num_operands, "ops": tuple(data.ops)}
-    problems = load_problems(dataset, split=args.split, path=args.path, limit=args.limit, seed=args.seed, **arith)
-    template = args.template or (data.template if data else ("plain" if dataset == "arith" else "gsm8k"))
+        arith = {
+            "max_value": data.max_value,
+            "num_operands": data.num_operands,
+            "ops": tuple(data.ops),
+        }
+    problems = load_problems(
+        dataset, split=args.split, path=args.path, limit=args.limit, seed=args.seed, **arith
+    )
+    template = args.template or (
+        data.template if data else ("plain" if dataset == "arith" else "gsm8k")
+    )
     max_new = args.max_new_tokens or (run_cfg.rollout.max_new_tokens if run_cfg else 6)
     tokenizer = load_tokenizer(model_path)
     model = load_causal_lm(model_path, dtype=args.dtype)
     if args.device:
         model.to(args.device)
     result = evaluate(
-        model, tokenizer, problems, max_new_tokens=max_new, k=args.k, temperature=args.temperature,
-        template=template, use_chat_template=bool(data.use_chat_template) if data else False,
+        model,
+        tokenizer,
+        problems,
+        max_new_tokens=max_new,
+        k=args.k,
+        temperature=args.temperature,
+        template=template,
+        use_chat_template=bool(data.use_chat_template) if data else False,
     )
     for key, value in result.items():
         print(f"{key:>20s}  {value:.4f}")
@@ -108,37 +122,62 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a policy from a YAML recipe",
-                       description="Train from a YAML recipe. Overrides are dotted key=value pairs, "
-                       "e.g. trainer.lr=1e-6 output_dir=runs/x resume=auto. "
-                       "`grpo-lab config --explain` lists every key with its meaning.")
+    p = sub.add_parser(
+        "train",
+        help="train a policy from a YAML recipe",
+        description="Train from a YAML recipe. Overrides are dotted key=value pairs, "
+        "e.g. trainer.lr=1e-6 output_dir=runs/x resume=auto. "
+        "`grpo-lab config --explain` lists every key with its meaning.",
+    )
     p.add_argument("recipe", help="path to a recipe YAML (see recipes/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides key=value")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="held-out accuracy of a model or a finished run",
-                       description="Greedy pass@1, and with --k > 1 sampled pass@1, maj@k and pass@k, "
-                       "on a held-out split. MODEL_OR_RUN is a hub name, a local model folder, "
-                       "`builtin:tiny-arith`, or a run folder (its final/ model and its data settings).")
+    p = sub.add_parser(
+        "eval",
+        help="held-out accuracy of a model or a finished run",
+        description="Greedy pass@1, and with --k > 1 sampled pass@1, maj@k and pass@k, "
+        "on a held-out split. MODEL_OR_RUN is a hub name, a local model folder, "
+        "`builtin:tiny-arith`, or a run folder (its final/ model and its data settings).",
+    )
     p.add_argument("model", metavar="MODEL_OR_RUN")
-    p.add_argument("--dataset", choices=["arith", "gsm8k", "math"], default=None,
-                   help="dataset name (default: the run's, else arith)")
+    p.add_argument(
+        "--dataset",
+        choices=["arith", "gsm8k", "math"],
+        default=None,
+        help="dataset name (default: the run's, else arith)",
+    )
     p.add_argument("--path", default=None, help="local JSONL for gsm8k/math")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
-    p.add_argument("--k", type=int, default=1, help="samples per problem for pass@1 / maj@k (default 1: greedy only)")
+    p.add_argument(
+        "--k",
+        type=int,
+        default=1,
+        help="samples per problem for pass@1 / maj@k (default 1: greedy only)",
+    )
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for k > 1")
     p.add_argument("--template", default=None, help="prompt template (default: the run's)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's rollout.max_new_tokens")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=None, help="default: the run's rollout.max_new_tokens"
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, help="e.g. cuda:0 (default: cpu)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("demo", help="GRPO vs PPO-head vs PPO-critic on the embedded tiny model (CPU)",
-                       description="Builds the embedded tiny model if missing, trains it with each of "
-                       "the three objectives on CPU and prints start-vs-end held-out accuracy and step time.")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per objective (default: the recipes')")
+    p = sub.add_parser(
+        "demo",
+        help="GRPO vs PPO-head vs PPO-critic on the embedded tiny model (CPU)",
+        description="Builds the embedded tiny model if missing, trains it with each of "
+        "the three objectives on CPU and prints start-vs-end held-out accuracy and step time.",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="optimizer steps per objective (default: the recipes')",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", default="runs/demo")
     p.set_defaults(func=_cmd_demo)
@@ -146,7 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print a resolved config, or --explain every key")
     p.add_argument("recipe", nargs="?", default=None)
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--explain", action="store_true", help="list every config key with its type, default and meaning")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="list every config key with its type, default and meaning",
+    )
     p.set_defaults(func=_cmd_config)
     return parser
 

@@ -35,44 +35,73 @@ def _accuracy(model_path: str, cfg, problems) -> dict[str, float]:
     tokenizer = load_tokenizer(model_path)
     model = load_causal_lm(model_path)
     return evaluate(
-        model, tokenizer, problems, max_new_tokens=cfg.rollout.max_new_tokens, k=4,
-        temperature=cfg.rollout.temperature, template=cfg.data.template,
+        model,
+        tokenizer,
+        problems,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        k=4,
+        temperature=cfg.rollout.temperature,
+        template=cfg.data.template,
     )
 
 
-def run_demo(*, steps: int | None = None, seed: int = 0, output_dir: str = "runs/demo") -> list[dict]:
+def run_demo(
+    *, steps: int | None = None, seed: int = 0, output_dir: str = "runs/demo"
+) -> list[dict]:
     from grpo_lab.trainer import train
 
     rows = []
     start_cache: dict[str, dict[str, float]] = {}
     for name, recipe in OBJECTIVES.items():
-        overrides = [f"seed={seed}", f"output_dir={Path(output_dir) / Path(recipe).stem}",
-                     "trainer.progress_bar=true"]
+        overrides = [
+            f"seed={seed}",
+            f"output_dir={Path(output_dir) / Path(recipe).stem}",
+            "trainer.progress_bar=true",
+        ]
         if steps is not None:
             overrides.append(f"trainer.max_steps={steps}")
         cfg = load_config(recipes_dir() / recipe, overrides)
         d = cfg.data
-        problems = load_problems(d.name, split="test", limit=d.num_eval, seed=seed, max_value=d.max_value,
-                                 num_operands=d.num_operands, ops=tuple(d.ops))
+        problems = load_problems(
+            d.name,
+            split="test",
+            limit=d.num_eval,
+            seed=seed,
+            max_value=d.max_value,
+            num_operands=d.num_operands,
+            ops=tuple(d.ops),
+        )
         if cfg.model.name_or_path not in start_cache:
             from grpo_lab.tiny import resolve_model_path
 
-            start_cache[cfg.model.name_or_path] = _accuracy(resolve_model_path(cfg.model.name_or_path), cfg, problems)
+            start_cache[cfg.model.name_or_path] = _accuracy(
+                resolve_model_path(cfg.model.name_or_path), cfg, problems
+            )
         before = start_cache[cfg.model.name_or_path]
         t0 = time.perf_counter()
         history = train(cfg)
         wall = time.perf_counter() - t0
         after = _accuracy(str(Path(cfg.output_dir) / "final"), cfg, problems)
         step_s = sorted(r["time/step_s"] for r in history)[len(history) // 2]
-        rows.append({"objective": name, "steps": len(history), "before": before, "after": after,
-                     "median_step_s": step_s, "wall_s": wall})
+        rows.append(
+            {
+                "objective": name,
+                "steps": len(history),
+                "before": before,
+                "after": after,
+                "median_step_s": step_s,
+                "wall_s": wall,
+            }
+        )
     print(format_table(rows))
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'objective':<18} {'steps':>5}  {'greedy acc: start -> end':>25}  "
-            f"{'sampled acc: start -> end':>26}  {'step s':>7}  {'wall s':>7}")
+    head = (
+        f"{'objective':<18} {'steps':>5}  {'greedy acc: start -> end':>25}  "
+        f"{'sampled acc: start -> end':>26}  {'step s':>7}  {'wall s':>7}"
+    )
     lines = ["", "Held-out accuracy on the embedded tiny arithmetic task", head, "-" * len(head)]
     for r in rows:
         b, a = r["before"], r["after"]

@@ -59,20 +59,38 @@ def evaluate(
     k samples at `temperature`), ``eval/maj@k`` and ``eval/pass@k``.
     """
     prompts = [
-        render_prompt(p.question, template=template, tokenizer=tokenizer,
-                      use_chat_template=use_chat_template, system_prompt=system_prompt)
+        render_prompt(
+            p.question,
+            template=template,
+            tokenizer=tokenizer,
+            use_chat_template=use_chat_template,
+            system_prompt=system_prompt,
+        )
         for p in problems
     ]
     golds = [p.answer for p in problems]
 
     def run(group_size: int, temp: float):
-        batch = generate(model, tokenizer, prompts, group_size=group_size, max_new_tokens=max_new_tokens,
-                         temperature=temp, top_p=top_p, batch_size=batch_size)
+        batch = generate(
+            model,
+            tokenizer,
+            prompts,
+            group_size=group_size,
+            max_new_tokens=max_new_tokens,
+            temperature=temp,
+            top_p=top_p,
+            batch_size=batch_size,
+        )
         texts = decode_completions(tokenizer, batch)
-        return score_batch(texts, [g for g in golds for _ in range(group_size)], timeout_s=timeout_s)
+        return score_batch(
+            texts, [g for g in golds for _ in range(group_size)], timeout_s=timeout_s
+        )
 
     greedy = run(1, 0.0)
-    out = {"eval/greedy_acc": sum(r.score for r in greedy) / len(greedy), "eval/n": float(len(problems))}
+    out = {
+        "eval/greedy_acc": sum(r.score for r in greedy) / len(greedy),
+        "eval/n": float(len(problems)),
+    }
     if k > 1:
         sampled = run(k, temperature)
         groups = [sampled[i * k : (i + 1) * k] for i in range(len(problems))]

@@ -12,7 +12,10 @@ training run, launched as its own subprocess (``python -m grpo_lab.train`` or, w
 which holds the trainer's ``config.yaml``, ``metrics.jsonl`` and ``final/``, plus the sweep's
 ``train.log`` (the run's console output, appended per attempt) and a ``DONE`` or ``FAILED``
 marker. Restarting a sweep skips finished runs (``DONE`` or ``final/``), reruns a started but
-unfinished one with ``resume=auto`` and starts the others. A failed run does not stop the sweep.
+unfinished one with ``resume=auto`` and starts the others. Every run's config is loaded and
+validated before the first one starts; a run that fails later does not stop the sweep, which then
+exits non-zero listing the failures. At the end :func:`aggregate_sweep` writes ``report.md``,
+``summary.csv`` and PNG plots into ``output_dir``.
 
 Sweep file keys. Paths written in the file are relative to the file's folder; paths given on the
 command line are relative to the current directory; ``output_dir`` is relative to the current

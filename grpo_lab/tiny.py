@@ -33,6 +33,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from grpo_lab.data import Problem, make_arith
@@ -153,7 +154,9 @@ def train_sft(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     losses: list[torch.Tensor] = []
-    for step in range(1, steps + 1):
+    # disable=None shows the bar only on a terminal; the log lines cover everything else.
+    bar = tqdm(range(1, steps + 1), desc="tiny-arith SFT", disable=None, leave=False)
+    for step in bar:
         rows = torch.randint(len(problems), (batch_size,), generator=generator)  # [B]
         loss = model(
             input_ids=input_ids[rows], attention_mask=attention_mask[rows], labels=labels[rows]
@@ -163,6 +166,7 @@ def train_sft(
         optimizer.step()
         losses.append(loss.detach())
         if step % log_every == 0 or step == steps:
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
             logger.info("tiny-arith SFT step %d/%d loss %.4f", step, steps, float(loss.detach()))
     model.eval()
     return float(torch.stack(losses[-log_every:]).mean()) if losses else float("nan")
@@ -229,22 +233,25 @@ def sampled_accuracy(
 ) -> float:
     """Like `greedy_accuracy` with one sample per problem at `temperature` (no top-k/top-p).
 
-    NOTE: seeds the global torch generator, as `generate` draws from it.
+    `generate` samples from the global torch generator; it is seeded with `seed` inside a fork of
+    the RNG state, so the caller's random stream is left as it was.
     """
     if not problems:
         raise ValueError("sampled_accuracy: no problems")
-    torch.manual_seed(seed)
-    texts = _completions(
-        model,
-        tokenizer,
-        problems,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        do_sample=True,
-        temperature=temperature,
-        top_k=None,
-        top_p=None,
-    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        # NOTE: top_k=None would fall back to transformers' default of 50; 0 switches it off.
+        texts = _completions(
+            model,
+            tokenizer,
+            problems,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+        )
     return sum(t.strip() == p.answer for t, p in zip(texts, problems)) / len(problems)
 
 
@@ -268,24 +275,47 @@ def _exclusive_lock(path: pathlib.Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _build(folder: pathlib.Path, *, seed: int, sft_steps: int) -> None:
-    """Train the tiny model from scratch into `folder` (which exists and is empty)."""
-    started = time.perf_counter()
+def _train_and_evaluate(seed: int, sft_steps: int):
+    """A freshly seeded tokenizer and model after `sft_steps` supervised steps, and its metrics."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     model = build_model(tokenizer)
     train = make_arith(SFT_TRAIN_PROBLEMS, seed=seed, split="train")
     logger.info(
-        "building %s (%d parameters, %d SFT steps) in %s",
+        "building %s (%d parameters, %d SFT steps)",
         TINY_MODEL_NAME,
         model.num_parameters(),
         sft_steps,
-        folder,
     )
     final_loss = train_sft(model, tokenizer, train, steps=sft_steps, seed=seed)
+    # The evaluation set is the same for every model seed, so builds are comparable.
     test = make_arith(EVAL_PROBLEMS, seed=0, split="test")
-    greedy = greedy_accuracy(model, tokenizer, test)
-    sampled = sampled_accuracy(model, tokenizer, test, seed=seed)
+    metrics = {
+        "final_sft_loss": final_loss,
+        "eval_problems": len(test),
+        "test_greedy_accuracy": greedy_accuracy(model, tokenizer, test),
+        "test_sampled_accuracy_t1": sampled_accuracy(model, tokenizer, test, seed=seed),
+    }
+    return tokenizer, model, metrics
+
+
+def _build(folder: pathlib.Path, *, seed: int, sft_steps: int) -> None:
+    """Train the tiny model from scratch and save it, with `build_info.json`, into `folder`.
+
+    Runs on the CPU, single-threaded, in a fork of the global torch RNG, so the caller's random
+    stream is untouched.
+    """
+    started = time.perf_counter()
+    # NOTE: one intra-op thread makes the weights independent of the machine's core count (the
+    # order of float reductions follows the thread count) and, for a model this small, is no
+    # slower than two threads, and much faster on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            tokenizer, model, metrics = _train_and_evaluate(seed, sft_steps)
+    finally:
+        torch.set_num_threads(threads)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     info = {
@@ -296,10 +326,7 @@ def _build(folder: pathlib.Path, *, seed: int, sft_steps: int) -> None:
         "sft_batch_size": SFT_BATCH_SIZE,
         "sft_lr": SFT_LR,
         "num_parameters": model.num_parameters(),
-        "final_sft_loss": final_loss,
-        "eval_problems": len(test),
-        "test_greedy_accuracy": greedy,
-        "test_sampled_accuracy_t1": sampled,
+        **metrics,
         "build_seconds": time.perf_counter() - started,
         "torch_version": torch.__version__,
     }
@@ -307,9 +334,9 @@ def _build(folder: pathlib.Path, *, seed: int, sft_steps: int) -> None:
     logger.info(
         "built %s: SFT loss %.4f, held-out greedy %.1f %%, sampled %.1f %%, %.1f s",
         TINY_MODEL_NAME,
-        final_loss,
-        100 * greedy,
-        100 * sampled,
+        info["final_sft_loss"],
+        100 * info["test_greedy_accuracy"],
+        100 * info["test_sampled_accuracy_t1"],
         info["build_seconds"],
     )
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -32,11 +33,23 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from grpo_lab import algos
-from grpo_lab.checkpoint import CheckpointError, fingerprint, load_checkpoint, resolve_resume, save_checkpoint
+from grpo_lab.checkpoint import (
+    CheckpointError,
+    fingerprint,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 from grpo_lab.config import Config, save_config
 from grpo_lab.data import PromptSampler, load_problems, render_prompt
 from grpo_lab.evaluation import evaluate
-from grpo_lab.harness import Harness, MetricsWriter, footprint_metrics, format_step_line, model_footprint
+from grpo_lab.harness import (
+    Harness,
+    MetricsWriter,
+    footprint_metrics,
+    format_step_line,
+    model_footprint,
+)
 from grpo_lab.models import (
     PolicyWithValueHead,
     completion_forward,
@@ -46,7 +59,12 @@ from grpo_lab.models import (
     load_tokenizer,
 )
 from grpo_lab.rewards import score_batch
-from grpo_lab.rollout import RolloutBatch, decode_completions, gather_params_for_generation, generate
+from grpo_lab.rollout import (
+    RolloutBatch,
+    decode_completions,
+    gather_params_for_generation,
+    generate,
+)
 
 logger = logging.getLogger("grpo_lab")
 
@@ -60,7 +78,9 @@ class Experience:
 
     batch: RolloutBatch
     rewards: torch.Tensor  # [N] float32 outcome reward
-    old_logp: torch.Tensor | None  # [N, C] behaviour-policy log-probs; None = on-policy single update
+    old_logp: (
+        torch.Tensor | None
+    )  # [N, C] behaviour-policy log-probs; None = on-policy single update
     ref_logp: torch.Tensor | None  # [N, C] reference log-probs; None when kl_coef == 0
     old_values: torch.Tensor | None  # [N, C] values at rollout time (PPO only)
     advantages: torch.Tensor  # [N, C]
@@ -70,7 +90,12 @@ class Experience:
 def build_accelerator(cfg: Config) -> Accelerator:
     # NOTE: on CPU, DeepSpeed + several processes needs an explicit gloo process group, or every
     # rank believes it is rank 0 of 1.
-    kwargs = [InitProcessGroupKwargs(backend="gloo")] if not torch.cuda.is_available() else []
+    multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    kwargs = (
+        [InitProcessGroupKwargs(backend="gloo")]
+        if multi_process and not torch.cuda.is_available()
+        else []
+    )
     return Accelerator(
         log_with=list(cfg.harness.report_to) or None,
         project_dir=cfg.output_dir,
@@ -96,7 +121,9 @@ class Trainer:
         self._build_data()
         self._build_models()
         self._build_optimizers()
-        self.harness = Harness(self.acc.device, n_params=self._n_policy_params, peak_flops=self._peak_override())
+        self.harness = Harness(
+            self.acc.device, n_params=self._n_policy_params, peak_flops=self._peak_override()
+        )
         self.global_step = 0
         self.skipped_in_a_row = 0
         self.skipped_total = 0
@@ -119,7 +146,9 @@ class Trainer:
     def _build_data(self) -> None:
         d = self.cfg.data
         arith = {"max_value": d.max_value, "num_operands": d.num_operands, "ops": tuple(d.ops)}
-        self.train_problems = load_problems(d.name, split="train", path=d.path, seed=self.cfg.seed, **arith)
+        self.train_problems = load_problems(
+            d.name, split="train", path=d.path, seed=self.cfg.seed, **arith
+        )
         self.eval_problems = load_problems(
             d.name, split="test", path=d.eval_path, limit=d.num_eval, seed=self.cfg.seed, **arith
         )
@@ -144,8 +173,12 @@ class Trainer:
             self.critic = load_critic(cfg.ppo.critic_model or m.name_or_path, **load_kw)
         self.reference = None
         if cfg.loss.kl_coef > 0:
-            self.reference = load_reference(m.name_or_path, dtype=m.dtype, attn_implementation=m.attn_implementation,
-                                            trust_remote_code=m.trust_remote_code)
+            self.reference = load_reference(
+                m.name_or_path,
+                dtype=m.dtype,
+                attn_implementation=m.attn_implementation,
+                trust_remote_code=m.trust_remote_code,
+            )
         self._n_policy_params = sum(p.numel() for p in lm.parameters())
 
     def _build_optimizers(self) -> None:
@@ -153,10 +186,14 @@ class Trainer:
 
         def adamw(module, lr):
             params = [p for p in module.parameters() if p.requires_grad]
-            return torch.optim.AdamW(params, lr=lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+            return torch.optim.AdamW(
+                params, lr=lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay
+            )
 
         def schedule(opt):
-            return torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(t.lr_scheduler, t.warmup_steps, t.max_steps))
+            return torch.optim.lr_scheduler.LambdaLR(
+                opt, _lr_lambda(t.lr_scheduler, t.warmup_steps, t.max_steps)
+            )
 
         self.opt = adamw(self.policy, t.lr)
         self.sched = schedule(self.opt)
@@ -173,8 +210,13 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _fingerprint(self) -> dict:
         m = self.cfg.model
-        extra = {"algorithm": self.cfg.algorithm, "value_mode": self.value_mode, "model": m.name_or_path,
-                 "lora_r": m.lora.r, "world_size": self.world}
+        extra = {
+            "algorithm": self.cfg.algorithm,
+            "value_mode": self.value_mode,
+            "model": m.name_or_path,
+            "lora_r": m.lora.r,
+            "world_size": self.world,
+        }
         models = {"policy": self.acc.unwrap_model(self.policy)}
         if self.critic is not None:
             models["critic"] = self.acc.unwrap_model(self.critic)
@@ -187,7 +229,9 @@ class Trainer:
                 # A fresh run starts a fresh metrics file rather than appending to a stale one.
                 (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
             if self.cfg.resume == "auto":
-                logger.info("resume=auto: no complete checkpoint in %s, starting fresh", self.out_dir)
+                logger.info(
+                    "resume=auto: no complete checkpoint in %s, starting fresh", self.out_dir
+                )
             return
         state = load_checkpoint(self.acc, path, self._fingerprint())
         self.global_step = state["step"]
@@ -200,10 +244,16 @@ class Trainer:
         logger.info("resumed from %s at step %d", path, self.global_step)
 
     def save_checkpoint(self) -> None:
-        state = {"step": self.global_step, "skipped_total": self.skipped_total,
-                 "skipped_in_a_row": self.skipped_in_a_row, "fingerprint": self._fingerprint()}
+        state = {
+            "step": self.global_step,
+            "skipped_total": self.skipped_total,
+            "skipped_in_a_row": self.skipped_in_a_row,
+            "fingerprint": self._fingerprint(),
+        }
         try:
-            path = save_checkpoint(self.acc, self.out_dir, self.global_step, state, keep=self.cfg.checkpoint.keep)
+            path = save_checkpoint(
+                self.acc, self.out_dir, self.global_step, state, keep=self.cfg.checkpoint.keep
+            )
         except CheckpointError as e:
             # The run goes on: the previous checkpoint is intact and the next save may succeed.
             logger.error("%s", e)
@@ -253,8 +303,12 @@ class Trainer:
             batch = self._rollout([p.question for p in problems])
         with h.phase("reward"):
             golds = [p.answer for p in problems for _ in range(cfg.rollout.group_size)]
-            results = score_batch(decode_completions(self.tokenizer, batch), golds, timeout_s=cfg.reward.timeout_s)
-            rewards = torch.tensor([r.score for r in results], dtype=torch.float32, device=batch.completion_ids.device)
+            results = score_batch(
+                decode_completions(self.tokenizer, batch), golds, timeout_s=cfg.reward.timeout_s
+            )
+            rewards = torch.tensor(
+                [r.score for r in results], dtype=torch.float32, device=batch.completion_ids.device
+            )
         exp = self._make_experience(batch, rewards)
         with h.phase("update"):
             train_metrics = self._update(exp)
@@ -278,8 +332,13 @@ class Trainer:
     def _rollout(self, questions: list[str]) -> RolloutBatch:
         cfg, r = self.cfg, self.cfg.rollout
         prompts = [
-            render_prompt(q, template=cfg.data.template, tokenizer=self.tokenizer,
-                          use_chat_template=cfg.data.use_chat_template, system_prompt=cfg.data.system_prompt)
+            render_prompt(
+                q,
+                template=cfg.data.template,
+                tokenizer=self.tokenizer,
+                use_chat_template=cfg.data.use_chat_template,
+                system_prompt=cfg.data.system_prompt,
+            )
             for q in questions
         ]
         model = self.generation_model
@@ -330,51 +389,88 @@ class Trainer:
         a = cfg.advantage
         estimator = algos.get_advantage_estimator(cfg.resolved_estimator())
         advantages, returns = estimator(
-            token_rewards, mask, old_values,
-            group_size=cfg.rollout.group_size, gamma=a.gamma, lam=a.lam, scale=a.scale,
+            token_rewards,
+            mask,
+            old_values,
+            group_size=cfg.rollout.group_size,
+            gamma=a.gamma,
+            lam=a.lam,
+            scale=a.scale,
         )
         if cfg.resolved_whiten():
-            advantages = algos.whiten(advantages, mask) * mask
+            advantages = algos.whiten(advantages, mask)
         return Experience(batch, rewards, old_logp, ref_logp, old_values, advantages, returns)
 
     # ------------------------------------------------------------------ update
     def _update(self, exp: Experience) -> dict[str, float]:
-        cfg, t = self.cfg, self.cfg.trainer
+        t = self.cfg.trainer
         N = exp.batch.num_sequences
         per_minibatch = N // t.num_minibatches
         sums: dict[str, float] = {}
-        n_micro = 0
+        n_updates = 0
         grad_norms = []
         for _ in range(t.epochs):
-            order = torch.randperm(N, device=exp.rewards.device) if t.num_minibatches > 1 else torch.arange(N)
+            order = (
+                torch.randperm(N, device=exp.rewards.device)
+                if t.num_minibatches > 1
+                else torch.arange(N)
+            )
             for mb in range(t.num_minibatches):
                 idx = order[mb * per_minibatch : (mb + 1) * per_minibatch]
                 metrics, norm = self._optimizer_step(exp, idx)
                 grad_norms.append(norm)
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + v
-                n_micro += 1
+                n_updates += 1
         self.sched.step()
         if self.critic is not None:
             self.critic_sched.step()
-        out = {k: v / n_micro for k, v in sums.items()}
+        out = {k: v / n_updates for k, v in sums.items()}
         out["optim/grad_norm"] = float(sum(grad_norms) / len(grad_norms))
         out["optim/lr"] = self.sched.get_last_lr()[0]
         out["optim/skipped_steps"] = self.skipped_total
         return out
 
     def _optimizer_step(self, exp: Experience, idx: torch.Tensor) -> tuple[dict[str, float], float]:
-        """Accumulate gradients over the minibatch `idx` in micro-batches, then step."""
+        """Accumulate gradients over the minibatch `idx`, then clip and step the optimizer(s)."""
+        totals, n_micro = self.accumulate_gradients(exp, idx)
+        grad_norm = self._clip_and_step(self.policy, self.opt)
+        if self.critic is not None:
+            totals["value/grad_norm"] = torch.tensor(
+                self._clip_and_step(self.critic, self.critic_opt)
+            )
+        # Losses were normalised by global counts, so their sum over micro-batches and processes
+        # is the minibatch loss; the other diagnostics are per-micro-batch means, averaged.
+        summed = ("loss/", "policy/entropy", "policy/kl_ref")
+        result = {}
+        for k, v in totals.items():
+            result[k] = float(
+                self._global_sum(v)
+                if k.startswith(summed)
+                else self._global_sum(v / n_micro) / self.world
+            )
+        return result, grad_norm
+
+    def accumulate_gradients(
+        self, exp: Experience, idx: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], int]:
+        """Forward and backward the minibatch `idx` (local row indices) in micro-batches.
+
+        Gradients accumulate in the models' ``.grad``; returns summed diagnostics and the number of
+        micro-batches. The result does not depend on ``trainer.micro_batch_size`` or on the number
+        of processes: every loss is normalised by the minibatch's global token / sequence counts.
+        """
         cfg, t, L = self.cfg, self.cfg.trainer, self.cfg.loss
         mask = exp.batch.completion_mask[idx]
-        # Global counts: the loss of each micro-batch is its share of the whole minibatch's loss,
-        # summed over every process. DDP/DeepSpeed average gradients over ranks, so the loss is
-        # multiplied back by the world size.
+        # Global counts: each micro-batch's loss is its share of the whole minibatch's loss summed
+        # over every process. DDP/DeepSpeed average gradients over ranks, so _backward multiplies
+        # the loss back by the world size.
         counts = {
             "num_tokens": self._global_sum(mask.sum().float()),
             "num_seqs": self._global_sum(torch.tensor(float(len(idx)), device=mask.device)),
             "norm_constant": float(cfg.rollout.max_new_tokens),
         }
+        token_mean = {"num_tokens": counts["num_tokens"]}
         policy_loss_fn = algos.get_policy_loss(L.policy_loss)
         micro = [idx[i : i + t.micro_batch_size] for i in range(0, len(idx), t.micro_batch_size)]
         totals: dict[str, torch.Tensor] = {}
@@ -385,55 +481,57 @@ class Trainer:
             out = self._forward(self.policy, b, entropy=True)
             old_logp = exp.old_logp[mi] if exp.old_logp is not None else out.logp.detach()
             pg_loss, pg_metrics = policy_loss_fn(
-                out.logp, old_logp, exp.advantages[mi], m,
-                clip_low=L.clip_low, clip_high=L.clip_high, dual_clip=L.dual_clip, agg=L.agg, **counts,
+                out.logp,
+                old_logp,
+                exp.advantages[mi],
+                m,
+                clip_low=L.clip_low,
+                clip_high=L.clip_high,
+                dual_clip=L.dual_clip,
+                agg=L.agg,
+                **counts,
             )
             loss = pg_loss
-            stats = {"loss/policy": pg_loss.detach(), "policy/entropy": algos.aggregate(out.entropy.detach(), m, "token-mean", num_tokens=counts["num_tokens"])}
+            stats = {
+                "loss/policy": pg_loss,
+                "policy/entropy": algos.aggregate(out.entropy, m, "token-mean", **token_mean),
+            }
             stats.update({f"policy/{k}": v for k, v in pg_metrics.items()})
             if exp.ref_logp is not None:
                 kl = algos.kl_penalty(out.logp, exp.ref_logp[mi], kind=L.kl_estimator)
-                kl_loss = algos.aggregate(kl, m, L.agg, **counts)
-                stats["policy/kl_ref"] = algos.aggregate(kl.detach(), m, "token-mean", num_tokens=counts["num_tokens"])
+                stats["policy/kl_ref"] = algos.aggregate(kl, m, "token-mean", **token_mean)
                 if L.kl_mode == "loss":
+                    kl_loss = algos.aggregate(kl, m, L.agg, **counts)
                     loss = loss + L.kl_coef * kl_loss
-                    stats["loss/kl"] = kl_loss.detach()
+                    stats["loss/kl"] = kl_loss
             if L.entropy_coef:
                 loss = loss - L.entropy_coef * algos.aggregate(out.entropy, m, L.agg, **counts)
             if self.value_mode == "head":
                 v_loss, v_metrics = self._value_loss(out.values, exp, mi, counts)
                 loss = loss + cfg.ppo.vf_coef * v_loss
-                stats["loss/value"] = v_loss.detach()
-                stats.update(v_metrics)
+                stats["loss/value"] = v_loss
+                stats.update({f"value/{k}": v for k, v in v_metrics.items()})
+            stats["loss/total"] = loss
             self._backward(loss, self.policy, last)
             if self.critic is not None:
                 values = self._forward(self.critic, b).values
                 v_loss, v_metrics = self._value_loss(values, exp, mi, counts)
-                stats["loss/value"] = v_loss.detach()
-                stats.update(v_metrics)
+                stats["loss/value"] = v_loss
+                stats.update({f"value/{k}": v for k, v in v_metrics.items()})
                 self._backward(v_loss, self.critic, last)
-            stats["loss/total"] = loss.detach()
             for k, v in stats.items():
-                # Sums of global-count-normalised losses are the minibatch loss; diagnostics that
-                # are per-micro-batch means are averaged below.
                 totals[k] = totals.get(k, 0.0) + v.detach().float()
-
-        grad_norm = self._clip_and_step(self.policy, self.opt)
-        if self.critic is not None:
-            critic_norm = self._clip_and_step(self.critic, self.critic_opt)
-            totals["value/grad_norm"] = torch.tensor(critic_norm)
-        n = len(micro)
-        summed = ("loss/", "policy/entropy", "policy/kl_ref")
-        result = {}
-        for k, v in totals.items():
-            v = self._global_sum(v) if k.startswith(summed) else v / n
-            result[k] = float(v)
-        return result, grad_norm
+        return totals, len(micro)
 
     def _value_loss(self, values, exp: Experience, mi, counts):
         return algos.value_loss(
-            values, exp.old_values[mi], exp.returns[mi], exp.batch.completion_mask[mi],
-            clip=self.cfg.ppo.value_clip, agg=self.cfg.loss.agg, **counts,
+            values,
+            exp.old_values[mi],
+            exp.returns[mi],
+            exp.batch.completion_mask[mi],
+            clip=self.cfg.ppo.value_clip,
+            agg=self.cfg.loss.agg,
+            **counts,
         )
 
     def _backward(self, loss: torch.Tensor, model, last: bool) -> None:
@@ -452,7 +550,9 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             self.skipped_total += 1
             self.skipped_in_a_row += 1
-            logger.warning("non-finite gradient norm at step %d: update skipped", self.global_step + 1)
+            logger.warning(
+                "non-finite gradient norm at step %d: update skipped", self.global_step + 1
+            )
             if self.skipped_in_a_row >= self.cfg.trainer.max_skipped_steps:
                 raise RuntimeError(
                     f"{self.skipped_in_a_row} consecutive updates had non-finite gradients; stopping. "
@@ -465,15 +565,27 @@ class Trainer:
         return norm
 
     # ------------------------------------------------------------------ metrics
-    def _reward_metrics(self, batch: RolloutBatch, rewards: torch.Tensor, results) -> dict[str, float]:
+    def _reward_metrics(
+        self, batch: RolloutBatch, rewards: torch.Tensor, results
+    ) -> dict[str, float]:
         G = self.cfg.rollout.group_size
         lengths = batch.completion_lengths.float()
-        local = torch.stack([
-            rewards.sum(), (rewards**2).sum(), (rewards > 0.5).float().sum(),
-            lengths.sum(), batch.truncated.float().sum(), torch.tensor(float(len(rewards)), device=rewards.device),
-            _solved_groups(rewards, G), _zero_std_groups(rewards, G),
-            torch.tensor(float(sum(r.status in ("timeout", "parse_error") for r in results)), device=rewards.device),
-        ])
+        local = torch.stack(
+            [
+                rewards.sum(),
+                (rewards**2).sum(),
+                (rewards > 0.5).float().sum(),
+                lengths.sum(),
+                batch.truncated.float().sum(),
+                torch.tensor(float(len(rewards)), device=rewards.device),
+                _solved_groups(rewards, G),
+                _zero_std_groups(rewards, G),
+                torch.tensor(
+                    float(sum(r.status in ("timeout", "parse_error") for r in results)),
+                    device=rewards.device,
+                ),
+            ]
+        )
         s = self._global_sum(local)
         n = s[5]
         mean = s[0] / n
@@ -494,15 +606,25 @@ class Trainer:
         mask = exp.batch.completion_mask
         out = {"rollout/old_logprob_pass": float(exp.old_logp is not None)}
         if exp.old_values is not None:
-            out["value/explained_variance"] = float(algos.explained_variance(exp.old_values, exp.returns, mask))
+            out["value/explained_variance"] = float(
+                algos.explained_variance(exp.old_values, exp.returns, mask)
+            )
             out["value/mean"] = float(algos.masked_mean(exp.old_values, mask))
         out["advantage/mean"] = float(algos.masked_mean(exp.advantages, mask))
         return out
 
     def static_footprint(self) -> dict[str, float]:
-        fps = {"policy": model_footprint(self.acc.unwrap_model(self.policy), self.opt.optimizer if hasattr(self.opt, "optimizer") else self.opt)}
+        fps = {
+            "policy": model_footprint(
+                self.acc.unwrap_model(self.policy),
+                self.opt.optimizer if hasattr(self.opt, "optimizer") else self.opt,
+            )
+        }
         if self.critic is not None:
-            fps["critic"] = model_footprint(self.acc.unwrap_model(self.critic), getattr(self.critic_opt, "optimizer", self.critic_opt))
+            fps["critic"] = model_footprint(
+                self.acc.unwrap_model(self.critic),
+                getattr(self.critic_opt, "optimizer", self.critic_opt),
+            )
         if self.reference is not None:
             fps["reference"] = model_footprint(self.acc.unwrap_model(self.reference))
         return footprint_metrics(fps)
@@ -516,14 +638,24 @@ class Trainer:
             model = self.generation_model
             with gather_params_for_generation(model):
                 res = evaluate(
-                    model, self.tokenizer, local, max_new_tokens=cfg.rollout.max_new_tokens, k=1,
-                    template=cfg.data.template, use_chat_template=cfg.data.use_chat_template,
-                    system_prompt=cfg.data.system_prompt, batch_size=cfg.rollout.batch_size or 256,
+                    model,
+                    self.tokenizer,
+                    local,
+                    max_new_tokens=cfg.rollout.max_new_tokens,
+                    k=1,
+                    template=cfg.data.template,
+                    use_chat_template=cfg.data.use_chat_template,
+                    system_prompt=cfg.data.system_prompt,
+                    batch_size=cfg.rollout.batch_size or 256,
                     timeout_s=cfg.reward.timeout_s,
                 )
             correct = res["eval/greedy_acc"] * len(local)
         s = self._global_sum(torch.tensor([correct, float(len(local))], device=self.acc.device))
-        return {"step": self.global_step, "eval/greedy_acc": float(s[0] / s[1].clamp(min=1)), "eval/n": float(s[1])}
+        return {
+            "step": self.global_step,
+            "eval/greedy_acc": float(s[0] / s[1].clamp(min=1)),
+            "eval/n": float(s[1]),
+        }
 
     def _maybe_evaluate(self, force: bool = False) -> None:
         every = self.cfg.trainer.eval_every
@@ -532,8 +664,12 @@ class Trainer:
             record = self.evaluate()
             self.writer.write(record)
             if self.acc.is_main_process:
-                logger.info("eval step %d: greedy accuracy %.3f on %d held-out problems",
-                            record["step"], record["eval/greedy_acc"], int(record["eval/n"]))
+                logger.info(
+                    "eval step %d: greedy accuracy %.3f on %d held-out problems",
+                    record["step"],
+                    record["eval/greedy_acc"],
+                    int(record["eval/n"]),
+                )
 
     # ------------------------------------------------------------------ loop
     def train(self) -> list[dict]:
@@ -542,8 +678,11 @@ class Trainer:
         cfg = self.cfg
         history = []
         bar = tqdm(
-            total=cfg.trainer.max_steps, initial=self.global_step, desc=f"{cfg.algorithm}",
-            disable=not (cfg.trainer.progress_bar and self.acc.is_main_process), dynamic_ncols=True,
+            total=cfg.trainer.max_steps,
+            initial=self.global_step,
+            desc=f"{cfg.algorithm}",
+            disable=not (cfg.trainer.progress_bar and self.acc.is_main_process),
+            dynamic_ncols=True,
         )
         if self.global_step == 0:
             self._maybe_evaluate(force=True)
@@ -554,8 +693,14 @@ class Trainer:
             self.writer.write(record)
             history.append(record)
             bar.update(1)
-            bar.set_postfix(reward=f"{record['reward/mean']:.3f}", step_s=f"{record['time/step_s']:.2f}")
-            if cfg.trainer.log_every and self.global_step % cfg.trainer.log_every == 0 and not cfg.trainer.progress_bar:
+            bar.set_postfix(
+                reward=f"{record['reward/mean']:.3f}", step_s=f"{record['time/step_s']:.2f}"
+            )
+            if (
+                cfg.trainer.log_every
+                and self.global_step % cfg.trainer.log_every == 0
+                and not cfg.trainer.progress_bar
+            ):
                 logger.info(format_step_line(record))
             every = cfg.checkpoint.every
             if every and self.global_step % every == 0:
@@ -627,6 +772,10 @@ def train(cfg: Config) -> list[dict]:
     trainer = Trainer(cfg)
     history = trainer.train()
     if trainer.acc.is_main_process:
-        logger.info("finished %d steps in %.1f s; outputs in %s", trainer.global_step,
-                    time.perf_counter() - start, cfg.output_dir)
+        logger.info(
+            "finished %d steps in %.1f s; outputs in %s",
+            trainer.global_step,
+            time.perf_counter() - start,
+            cfg.output_dir,
+        )
     return history

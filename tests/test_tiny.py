@@ -91,8 +91,10 @@ def test_ensure_builds_loads_and_reuses(shared_build, monkeypatch):
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == [path.name]
 
 
-def test_force_rebuilds(tmp_path):
+def test_force_rebuilds_and_leaves_the_callers_rng_alone(tmp_path):
+    rng_before = torch.get_rng_state()
     path = tiny.ensure_tiny_model(tmp_path, seed=1, sft_steps=2)
+    assert torch.equal(torch.get_rng_state(), rng_before)
     before = (path / "build_info.json").stat().st_mtime_ns
     time.sleep(0.01)
     assert tiny.ensure_tiny_model(tmp_path, seed=1, sft_steps=2, force=True) == path
