@@ -1,0 +1,225 @@
+"""The RL loop: split invariance of the update, short runs of each objective, kill-and-resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from grpo_lab.config import load_config
+from grpo_lab.harness import MetricsWriter
+from grpo_lab.tiny import build_model, build_tokenizer
+from grpo_lab.trainer import Trainer
+
+OBJECTIVES = {
+    "grpo": ["algorithm=grpo"],
+    "ppo_head": ["algorithm=ppo", "ppo.value=head"],
+    "ppo_critic": ["algorithm=ppo", "ppo.value=critic"],
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A random-init model with the embedded tokenizer: fast to build, real enough to train."""
+    path = tmp_path_factory.mktemp("tiny_model")
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    build_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def small_config(model_dir: str, out: Path, *extra: str):
+    return load_config(
+        None,
+        [
+            f"model.name_or_path={model_dir}",
+            f"output_dir={out}",
+            "rollout.prompts_per_step=2",
+            "rollout.group_size=4",
+            "rollout.max_new_tokens=4",
+            "data.num_eval=8",
+            "trainer.lr=1e-3",
+            "trainer.progress_bar=false",
+            *extra,
+        ],
+    )
+
+
+def _grads(module) -> list[torch.Tensor]:
+    return [p.grad.detach().clone() for p in module.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_update_does_not_depend_on_micro_batch_split(objective, tiny_model_dir, tmp_path):
+    """Same loss and gradients for 1x8, 4x2 and 8x1 micro-batches of one minibatch of 8."""
+    cfg = small_config(tiny_model_dir, tmp_path, *OBJECTIVES[objective], "trainer.epochs=2", "loss.kl_coef=0.1")
+    trainer = Trainer(cfg)
+    trainer.harness.start_step()
+    torch.manual_seed(1)
+    problems = trainer.sampler.next_batch()
+    batch = trainer._rollout([p.question for p in problems])
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0])
+    exp = trainer._make_experience(batch, rewards)
+    # Move the behaviour policy away from the current one so clipping and dual paths are exercised.
+    exp.old_logp = exp.old_logp + 0.3 * torch.randn_like(exp.old_logp) * batch.completion_mask
+    idx = torch.arange(batch.num_sequences)
+    models = [trainer.policy] + ([trainer.critic] if trainer.critic is not None else [])
+
+    results = {}
+    for micro in (8, 2, 1):
+        trainer.cfg.trainer.micro_batch_size = micro
+        for m in models:
+            m.zero_grad(set_to_none=True)
+        totals, n_micro = trainer.accumulate_gradients(exp, idx)
+        assert n_micro == 8 // micro
+        results[micro] = (totals["loss/total"], totals["loss/policy"], [g for m in models for g in _grads(m)])
+
+    ref_total, ref_policy, ref_grads = results[8]
+    assert torch.isfinite(ref_total)
+    assert any(g.abs().sum() > 0 for g in ref_grads)
+    for micro in (2, 1):
+        total, policy, grads = results[micro]
+        torch.testing.assert_close(total, ref_total)
+        torch.testing.assert_close(policy, ref_policy)
+        for g, ref in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(g, ref)
+
+
+REQUIRED_KEYS = {
+    "step", "reward/mean", "reward/std", "reward/accuracy", "rollout/completion_len_mean",
+    "rollout/truncated_frac", "loss/policy", "policy/clipfrac", "policy/approx_kl",
+    "policy/entropy", "optim/grad_norm", "optim/lr", "time/step_s", "time/rollout_s",
+    "time/reward_s", "time/update_s",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_short_run_of_each_objective(objective, tiny_model_dir, tmp_path):
+    extra = ["trainer.max_steps=2", "trainer.num_minibatches=2", "trainer.micro_batch_size=2"]
+    if objective == "grpo":
+        extra.append("loss.kl_coef=0.05")
+    cfg = small_config(tiny_model_dir, tmp_path, *OBJECTIVES[objective], *extra)
+    trainer = Trainer(cfg)
+    history = trainer.train()
+    assert [r["step"] for r in history] == [1, 2]
+    rows = MetricsWriter.read(tmp_path / "metrics.jsonl")
+    train_rows = [r for r in rows if "reward/mean" in r]
+    eval_rows = [r for r in rows if "eval/greedy_acc" in r]
+    assert [r["step"] for r in eval_rows] == [0, 2]
+    assert len(train_rows) == 2
+    for r in train_rows:
+        assert REQUIRED_KEYS <= r.keys(), REQUIRED_KEYS - r.keys()
+        assert r["rollout/old_logprob_pass"] == 1.0  # two minibatches: the batch is reused
+    if objective == "grpo":
+        assert "policy/kl_ref" in train_rows[0] and "time/ref_s" in train_rows[0]
+        assert "loss/value" not in train_rows[0]
+    else:
+        assert {"loss/value", "value/explained_variance", "time/values_s"} <= train_rows[0].keys()
+    assert (tmp_path / "final" / "config.json").is_file()
+    assert (tmp_path / "config.yaml").is_file()
+    if objective == "ppo_critic":
+        assert (tmp_path / "final" / "critic").is_dir()
+
+
+def test_single_update_skips_old_logprob_forward(tiny_model_dir, tmp_path):
+    cfg = small_config(tiny_model_dir, tmp_path, "trainer.max_steps=1")
+    history = Trainer(cfg).train()
+    assert history[0]["rollout/old_logprob_pass"] == 0.0
+    assert "time/old_logprob_s" not in history[0]
+    assert "time/ref_s" not in history[0]  # kl_coef 0: no reference model at all
+
+
+# ------------------------------------------------------------------ kill and resume
+
+VOLATILE = ("time/", "perf/", "mem/")
+
+
+def _stable(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
+
+
+def _launch(recipe_args: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.Popen(
+        [sys.executable, "-m", "grpo_lab.train", *recipe_args],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
+    )  # fmt: skip
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tiny_model_dir, tmp_path):
+    """A run killed with SIGKILL after step 3 and resumed with resume=auto (from its step-2
+    checkpoint) writes the same metrics rows and ends with the same parameters as a run that
+    was never interrupted."""
+    common = [
+        "recipes/tiny_arith_ppo_head.yaml", f"model.name_or_path={tiny_model_dir}",
+        "trainer.max_steps=5", "checkpoint.every=2", "checkpoint.keep=2", "data.num_eval=8",
+        "rollout.prompts_per_step=4", "rollout.group_size=4", "trainer.micro_batch_size=8",
+        "trainer.progress_bar=false", "trainer.warmup_steps=0",
+    ]  # fmt: skip
+    root = Path(__file__).resolve().parents[1]
+    os.chdir(root)
+
+    clean = tmp_path / "clean"
+    assert _launch([*common, f"output_dir={clean}"], tmp_path / "clean.log").wait(timeout=300) == 0
+
+    killed = tmp_path / "killed"
+    proc = _launch([*common, f"output_dir={killed}"], tmp_path / "killed.log")
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        steps = [json.loads(line).get("step") for line in metrics.open()] if metrics.exists() else []
+        if 3 in steps:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (killed / "checkpoints" / "step_0000002" / "COMPLETE").is_file()
+    assert not (killed / "final").exists()
+
+    resumed = _launch([*common, f"output_dir={killed}", "resume=auto"], tmp_path / "resumed.log")
+    assert resumed.wait(timeout=300) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    assert "resumed from" in (tmp_path / "resumed.log").read_text()
+
+    clean_rows = _stable(MetricsWriter.read(clean / "metrics.jsonl"))
+    resumed_rows = _stable(MetricsWriter.read(killed / "metrics.jsonl"))
+    assert resumed_rows == clean_rows
+
+    from safetensors.torch import load_file
+
+    a = load_file(clean / "final" / "model.safetensors")
+    b = load_file(killed / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    # Only the newest `keep` checkpoints remain.
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
+
+
+def test_resume_with_a_different_algorithm_is_refused(tiny_model_dir, tmp_path):
+    from grpo_lab.checkpoint import CheckpointError
+
+    cfg = small_config(tiny_model_dir, tmp_path, "trainer.max_steps=1", "checkpoint.every=1")
+    Trainer(cfg).train()
+    other = small_config(tiny_model_dir, tmp_path, "algorithm=ppo", "resume=auto", "trainer.max_steps=2")
+    with pytest.raises(CheckpointError, match="algorithm"):
+        Trainer(other)
+
+
+def test_partial_checkpoint_is_ignored(tiny_model_dir, tmp_path, caplog):
+    cfg = small_config(tiny_model_dir, tmp_path, "trainer.max_steps=1", "checkpoint.every=1")
+    Trainer(cfg).train()
+    partial = tmp_path / "checkpoints" / "step_0000009"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"truncated")
+    resumed = Trainer(small_config(tiny_model_dir, tmp_path, "resume=auto", "trainer.max_steps=2"))
+    assert resumed.global_step == 1
+    assert "partial checkpoint" in caplog.text
