@@ -16,6 +16,9 @@ Cache layout: `<cache_dir>/tiny-arith-<version>-sft<steps>-s<seed>/` holding the
 and `build_info.json`. The default cache dir is `$GRPO_LAB_CACHE` or `~/.cache/grpo_lab`. A build
 goes into a temporary folder that is renamed into place, under an exclusive file lock, so
 concurrent callers (several ranks) build once and never see a half-written folder.
+
+Determinism: the build runs on the CPU with one thread from `torch.manual_seed(seed)`, so the same
+seed gives the same weights on machines of the same CPU type whatever their core count.
 """
 
 from __future__ import annotations
@@ -366,6 +369,8 @@ def ensure_tiny_model(
         staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
         try:
             _build(staging, seed=seed, sft_steps=sft_steps)
+            # mkdtemp makes the folder private (0700); the cache is meant to be readable.
+            staging.chmod(0o755)
             if final.exists():
                 # NOTE: os.replace cannot rename onto a non-empty folder; move the old one aside.
                 stale = pathlib.Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=root))
