@@ -1,7 +1,6 @@
 import csv
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -584,8 +583,6 @@ def test_end_to_end_tiny_sweep(tmp_path, monkeypatch):
         "target_accuracy": 0.5,
     }
     path = write_sweep(tmp_path, body)
-    env_path = os.environ.get("PYTHONPATH", "")
-    monkeypatch.setenv("PYTHONPATH", f"{REPO}{os.pathsep}{env_path}" if env_path else str(REPO))
     start = time.monotonic()
     result = run_sweep(path)
     elapsed = time.monotonic() - start
