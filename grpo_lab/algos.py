@@ -53,13 +53,22 @@ def masked_var(x: Tensor, mask: Tensor, *, unbiased: bool = True) -> Tensor:
     return centred_sq / ((count - 1) if unbiased else count).clamp(min=1)
 
 
-def whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def whiten(
+    x: Tensor,
+    mask: Tensor,
+    *,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    stats: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
     """Whiten ``x`` [N, T] with masked statistics; returns [N, T], 0 at padding.
 
     Variance is unbiased (``masked_var``). With ``shift_mean=False`` only the scale changes: the
-    mean is added back, as common PPO implementations do for advantages.
+    mean is added back, as common PPO implementations do for advantages. ``stats`` = (mean, var)
+    0-dim tensors computed elsewhere, e.g. over every data-parallel rank's tokens, so that the
+    result does not depend on how the batch is split; by default they come from ``x`` itself.
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    mean, var = stats if stats is not None else (masked_mean(x, mask), masked_var(x, mask))
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

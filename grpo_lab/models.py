@@ -101,6 +101,26 @@ def random_init_causal_lm(
     return _prepare_for_training(model, gradient_checkpointing=False)
 
 
+def apply_lora(
+    model: PreTrainedModel, *, r: int, alpha: int, dropout: float, target_modules: list[str]
+) -> nn.Module:
+    """Wrap `model` with LoRA adapters (peft); only the adapters (and any head added later) train.
+
+    The base weights stay frozen, so the reference policy is this same model with its adapters
+    disabled (``model.disable_adapter()``): KL needs no second copy in memory.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
 def load_reference(
     name_or_path: str,
     *,

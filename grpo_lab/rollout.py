@@ -114,13 +114,19 @@ def gather_params_for_generation(model: nn.Module) -> Iterator[None]:
     ZeRO-3 parameters carry ``ds_id``; gathering them up front (read-only, no modifier rank)
     avoids one all-gather per layer per decoding step. NOTE: the gather is a collective, so every
     rank must enter it, and the full model must fit in one device's memory during the rollout.
+    Re-entrant: inside an enclosing gather of the same parameters it does nothing.
     """
     params = list(model.parameters())
     if not any(hasattr(p, "ds_id") and hasattr(p, "ds_status") for p in params):
         yield
         return
     import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
+    if all(p.ds_status == ZeroParamStatus.AVAILABLE for p in params):
+        # Already gathered by an enclosing call (e.g. the trainer around a whole evaluation).
+        yield
+        return
     with deepspeed.zero.GatheredParameters(params):
         yield
 

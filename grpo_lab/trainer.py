@@ -23,14 +23,15 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 
 from grpo_lab import algos
 from grpo_lab.checkpoint import (
@@ -52,6 +53,7 @@ from grpo_lab.harness import (
 )
 from grpo_lab.models import (
     PolicyWithValueHead,
+    apply_lora,
     completion_forward,
     load_causal_lm,
     load_critic,
@@ -167,19 +169,28 @@ class Trainer:
         }
         self.tokenizer = load_tokenizer(m.name_or_path, trust_remote_code=m.trust_remote_code)
         lm = load_causal_lm(m.name_or_path, **load_kw)
+        self._n_policy_params = sum(p.numel() for p in lm.parameters())
+        if m.lora.r > 0:
+            lm = apply_lora(
+                lm,
+                r=m.lora.r,
+                alpha=m.lora.alpha,
+                dropout=m.lora.dropout,
+                target_modules=list(m.lora.target_modules),
+            )
         self.policy = PolicyWithValueHead(lm) if self.value_mode == "head" else lm
         self.critic = None
         if self.value_mode == "critic":
             self.critic = load_critic(cfg.ppo.critic_model or m.name_or_path, **load_kw)
         self.reference = None
-        if cfg.loss.kl_coef > 0:
+        # With LoRA the reference is the policy with its adapters disabled: no second copy.
+        if cfg.loss.kl_coef > 0 and m.lora.r == 0:
             self.reference = load_reference(
                 m.name_or_path,
                 dtype=m.dtype,
                 attn_implementation=m.attn_implementation,
                 trust_remote_code=m.trust_remote_code,
             )
-        self._n_policy_params = sum(p.numel() for p in lm.parameters())
 
     def _build_optimizers(self) -> None:
         t = self.cfg.trainer
@@ -197,15 +208,69 @@ class Trainer:
 
         self.opt = adamw(self.policy, t.lr)
         self.sched = schedule(self.opt)
-        self.policy, self.opt, self.sched = self.acc.prepare(self.policy, self.opt, self.sched)
+        if self.deepspeed:
+            self._configure_deepspeed()
+            # NOTE: the schedulers stay outside the DeepSpeed engines, which would otherwise step
+            # them once per optimizer step; here they advance once per RL step.
+            self.policy, self.opt = self.acc.prepare(self.policy, self.opt)
+        else:
+            self.policy, self.opt, self.sched = self.acc.prepare(self.policy, self.opt, self.sched)
         if self.critic is not None:
             self.critic_opt = adamw(self.critic, self.cfg.ppo.critic_lr or t.lr)
             self.critic_sched = schedule(self.critic_opt)
-            self.critic, self.critic_opt, self.critic_sched = self.acc.prepare(
-                self.critic, self.critic_opt, self.critic_sched
-            )
+            if self.deepspeed:
+                self.critic, self.critic_opt = self.acc.prepare(self.critic, self.critic_opt)
+            else:
+                self.critic, self.critic_opt, self.critic_sched = self.acc.prepare(
+                    self.critic, self.critic_opt, self.critic_sched
+                )
         if self.reference is not None:
-            self.reference = self.acc.prepare_model(self.reference, evaluation_mode=True)
+            self.reference = self._prepare_reference(self.reference)
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.acc.distributed_type == DistributedType.DEEPSPEED
+
+    @property
+    def zero_stage(self) -> int:
+        if not self.deepspeed:
+            return 0
+        return int(
+            self.acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get(
+                "stage", 0
+            )
+        )
+
+    def _configure_deepspeed(self) -> None:
+        """Fill the DeepSpeed config from the recipe: one engine step per minibatch, our clipping.
+
+        Gradient accumulation is driven here (the engine is told where each minibatch ends), so
+        DeepSpeed's own accumulation count stays 1 and it never rescales the loss.
+        """
+        t = self.cfg.trainer
+        ds = self.acc.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+        ds["gradient_accumulation_steps"] = 1
+        ds["train_batch_size"] = t.micro_batch_size * self.world
+        ds["gradient_clipping"] = float(t.max_grad_norm) if t.max_grad_norm is not None else 0.0
+        self.acc.gradient_accumulation_steps = 1
+
+    def _prepare_reference(self, model):
+        """Frozen reference: ZeRO-3 partitions it like the policy; otherwise a plain copy."""
+        if self.zero_stage == 3:
+            import deepspeed
+
+            ds = self.acc.state.deepspeed_plugin.deepspeed_config
+            config = {
+                "train_micro_batch_size_per_gpu": ds["train_micro_batch_size_per_gpu"],
+                "train_batch_size": ds["train_batch_size"],
+                "zero_optimization": {"stage": 3},
+                "bf16": {"enabled": self.cfg.model.dtype == "bfloat16"},
+            }
+            engine, *_ = deepspeed.initialize(model=model, config=config)
+            engine.eval()  # NOTE: DeepSpeedEngine.eval() returns None, unlike nn.Module.eval()
+            return engine
+        return model.to(self.acc.device).eval()
 
     # ------------------------------------------------------------------ checkpoints
     def _fingerprint(self) -> dict:
@@ -273,6 +338,16 @@ class Trainer:
         x = x.to(self.acc.device)
         return self.acc.reduce(x.clone(), reduction="sum")
 
+    def _global_masked_stats(
+        self, x: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masked mean and unbiased variance of x [N, T] over the tokens of every process."""
+        m = mask.to(x.dtype)
+        s = self._global_sum(torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()]))
+        mean = s[0] / s[2].clamp(min=1)
+        var = (s[1] - s[2] * mean**2) / (s[2] - 1).clamp(min=1)
+        return mean, var.clamp(min=0)
+
     def _forward(self, model, batch: RolloutBatch, *, entropy: bool = False):
         return completion_forward(
             model,
@@ -292,6 +367,15 @@ class Trainer:
                 out = self._forward(model, batch.select(slice(start, start + mb)))
                 outs.append(getattr(out, want).detach())
         return torch.cat(outs, dim=0)
+
+    @contextmanager
+    def _reference_model(self):
+        """The reference policy: its own frozen copy, or (LoRA) the policy with adapters off."""
+        if self.reference is not None:
+            yield self.reference
+            return
+        with self.generation_model.disable_adapter():
+            yield self.policy
 
     # ------------------------------------------------------------------ one step
     def step(self) -> dict[str, float]:
@@ -368,9 +452,9 @@ class Trainer:
         if updates_per_batch > 1:
             with h.phase("old_logprob"):
                 old_logp = self._no_grad_forward(self.policy, batch, want="logp")
-        if self.reference is not None:
-            with h.phase("ref"):
-                ref_logp = self._no_grad_forward(self.reference, batch, want="logp")
+        if cfg.loss.kl_coef > 0:
+            with h.phase("ref"), self._reference_model() as reference:
+                ref_logp = self._no_grad_forward(reference, batch, want="logp")
         if self.is_ppo:
             with h.phase("values"):
                 value_model = self.critic if self.critic is not None else self.policy
@@ -398,7 +482,9 @@ class Trainer:
             scale=a.scale,
         )
         if cfg.resolved_whiten():
-            advantages = algos.whiten(advantages, mask)
+            advantages = algos.whiten(
+                advantages, mask, stats=self._global_masked_stats(advantages, mask)
+            )
         return Experience(batch, rewards, old_logp, ref_logp, old_values, advantages, returns)
 
     # ------------------------------------------------------------------ update
@@ -535,13 +621,25 @@ class Trainer:
         )
 
     def _backward(self, loss: torch.Tensor, model, last: bool) -> None:
+        # DDP and DeepSpeed average gradients over ranks; the loss is already a share of the
+        # global sum, so multiplying by the world size makes the averaged gradient that sum's.
         scaled = loss * self.world
+        if self.deepspeed:
+            # The engine accumulates until told this micro-batch closes the minibatch.
+            model.set_gradient_accumulation_boundary(last)
+            model.backward(scaled)
+            return
         ctx = nullcontext() if last or self.world == 1 else self.acc.no_sync(model)
         with ctx:
             self.acc.backward(scaled)
 
     def _clip_and_step(self, model, opt) -> float:
         """Clip, step, zero grads. A non-finite gradient skips the update and is counted."""
+        if self.deepspeed:
+            # The engine clips (gradient_clipping), steps and zeroes gradients itself.
+            model.step()
+            norm = model.get_global_grad_norm()
+            return float(norm) if norm is not None else math.nan
         max_norm = self.cfg.trainer.max_grad_norm
         params = [p for p in model.parameters() if p.requires_grad]
         norm = self.acc.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
@@ -634,9 +732,10 @@ class Trainer:
         cfg = self.cfg
         local = self.eval_problems[self.rank :: self.world]
         correct = 0.0
-        if local:
-            model = self.generation_model
-            with gather_params_for_generation(model):
+        model = self.generation_model
+        # NOTE: the ZeRO-3 gather is a collective: every rank enters it, even one with no problems.
+        with gather_params_for_generation(model):
+            if local:
                 res = evaluate(
                     model,
                     self.tokenizer,
@@ -649,7 +748,7 @@ class Trainer:
                     batch_size=cfg.rollout.batch_size or 256,
                     timeout_s=cfg.reward.timeout_s,
                 )
-            correct = res["eval/greedy_acc"] * len(local)
+                correct = res["eval/greedy_acc"] * len(local)
         s = self._global_sum(torch.tensor([correct, float(len(local))], device=self.acc.device))
         return {
             "step": self.global_step,
@@ -716,22 +815,31 @@ class Trainer:
         return history
 
     def save(self, path: Path) -> None:
+        """Write the policy (or its LoRA adapter and value head), tokenizer and critic to `path`.
+
+        Written to ``<path>.tmp`` and renamed into place. Under ZeRO-3 every rank takes part in
+        gathering the partitioned weights; the main process writes.
+        """
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
         self.acc.wait_for_everyone()
+        policy = self.acc.unwrap_model(self.policy)
+        with gather_params_for_generation(policy):
+            if self.acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                policy.save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
+        if self.critic is not None:
+            critic = self.acc.unwrap_model(self.critic)
+            with gather_params_for_generation(critic):
+                if self.acc.is_main_process:
+                    critic.save_pretrained(tmp / "critic")
         if self.acc.is_main_process:
-            path = Path(path)
-            tmp = path.with_name(path.name + ".tmp")
-            policy = self.acc.unwrap_model(self.policy)
-            policy.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            if self.critic is not None:
-                self.acc.unwrap_model(self.critic).save_pretrained(tmp / "critic")
             _atomic_replace(tmp, path)
         self.acc.wait_for_everyone()
 
 
 def _atomic_replace(tmp: Path, final: Path) -> None:
-    import shutil
-
     if final.exists():
         old = final.with_name(final.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -771,6 +879,11 @@ def train(cfg: Config) -> list[dict]:
     start = time.perf_counter()
     trainer = Trainer(cfg)
     history = trainer.train()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # NOTE: DeepSpeed ZeRO-3 (with offload) aborts at interpreter exit unless every rank
+        # meets here and the process group is torn down explicitly.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     if trainer.acc.is_main_process:
         logger.info(
             "finished %d steps in %.1f s; outputs in %s",
