@@ -73,5 +73,5 @@ def test_two_processes_match_one(zero, model_dir, single_process, tmp_path):
         assert got["params"].keys() == ref["params"].keys()
         for name, p in ref["params"].items():
             torch.testing.assert_close(
-                got["params"][name], p, msg=lambda m, n=name: f"{objective} {n}: {m}"
+                got["params"][name], p, msg=lambda m, n=name, o=objective: f"{o} {n}: {m}"
             )
