@@ -22,11 +22,12 @@ Decisions
 * **Units and currency are dropped** conservatively (``$18``, ``18 dollars``,
   ``5\\text{ cm}^2``, ``30^\\circ`` read as plain numbers); see ``normalize.py``.
 * **Tuples are ordered, sets and lists are not**: ``(1, 2)`` differs from ``(2, 1)``;
-  ``\\{1, 2\\}`` equals ``\\{2, 1\\}`` and the bare list ``1, 2`` equals ``2, 1``. A set never equals a
-  tuple.
-* **Intervals keep their openness**: ``(1, 2]`` differs from ``(1, 2)``. NOTE: ``(1, 2)`` is both
-  an open interval and an ordered pair; math-verify reads it as an interval, which matches the same
-  text in the gold either way.
+  ``\\{1, 2\\}`` equals ``\\{2, 1\\}`` and the bare list ``1, 2`` equals ``2, 1``. A set or list
+  compared with a tuple matches only element by element in the written order (math-verify's rule):
+  ``\\{1, 2, 3\\}`` matches ``(1, 2, 3)``, ``\\{2, 1\\}`` does not match ``(1, 2)``.
+* **Intervals keep their openness**: ``(1, 2]`` differs from ``(1, 2)`` and ``[1, 2]``. NOTE:
+  ``(1, 2)`` is both an open interval and an ordered pair; math-verify parses it as an interval
+  but lets it match the pair ``1, 2`` in that order.
 * **Equations**: a single-variable assignment matches its value (``x=3`` equals ``3``, either side)
   and equations match when they are the same relation (``y=2x+1`` equals ``y=1+2x``).
 * **Symbolic expressions** are equal when sympy proves it (``\\sqrt{8}`` equals ``2\\sqrt{2}``,

@@ -65,10 +65,12 @@ _THINK_CLOSE = re.compile(r"</think>", re.IGNORECASE)
 
 _GSM8K = re.compile(r"####[ \t]*([^\n]*)")
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_BRACE_TOKEN = re.compile(r"\\.|[{}]", re.DOTALL)  # an escaped character, or a brace
 _FINAL_PHRASE = re.compile(r"\b(?:final\s+answer|the\s+answer)\s+is\b\s*:?", re.IGNORECASE)
 _ANSWER_COLON = re.compile(r"\banswer\s*(?:\*\*|__)?\s*:", re.IGNORECASE)
 
-_DISJUNCTION = re.compile(r"\S.*?(?<![A-Za-z\\])or(?![A-Za-z]).*?\S", re.DOTALL)
+_OR_WORD = re.compile(r"(?<![A-Za-z\\])or(?![A-Za-z])")
+_PHRASE_WINDOW = 10_000
 _SENTENCE_END = re.compile(r"\.(?=\s|$)|\n")
 
 
@@ -92,47 +94,55 @@ class Extraction:
 
 def strip_thinking(text: str) -> str:
     """Return ``text`` without its thinking (see the module docstring for the three cases)."""
-    close = _THINK_CLOSE.search(text)
-    opening = _THINK_OPEN.search(text)
-    if close is not None and (opening is None or close.start() < opening.start()):
-        text = text[close.end() :]
-    text = _THINK_BLOCK.sub(" ", text)
-    unclosed = _THINK_OPEN.search(text)
-    if unclosed is not None:
-        text = text[: unclosed.start()]
-    return _THINK_CLOSE.sub(" ", text)
+    first_close = _THINK_CLOSE.search(text)
+    first_open = _THINK_OPEN.search(text)
+    if first_close is not None and (first_open is None or first_close.start() < first_open.start()):
+        text = text[first_close.end() :]
+    # One forward scan (a regex like `<think>.*?</think>` is quadratic on many unclosed tags).
+    kept = []
+    position = 0
+    while True:
+        opening = _THINK_OPEN.search(text, position)
+        if opening is None:
+            kept.append(text[position:])
+            break
+        kept.append(text[position : opening.start()])
+        closing = _THINK_CLOSE.search(text, opening.end())
+        if closing is None:
+            break  # unclosed: the rest is thinking
+        position = closing.end()
+    return _THINK_CLOSE.sub(" ", " ".join(kept))
 
 
-def _balanced_argument(text: str, open_brace: int) -> str | None:
-    """Content of the brace group opening at ``text[open_brace]``, or ``None`` if it never closes.
+def _matching_braces(text: str) -> dict[int, int]:
+    """Position of each ``{`` -> position of its ``}``, in one pass; unclosed ones are absent.
 
     ``\\{`` and ``\\}`` are literal braces in LaTeX (set notation), so they are skipped.
     """
-    depth = 0
-    i = open_brace
-    n = len(text)
-    while i < n:
-        ch = text[i]
-        if ch == "\\":
-            i += 2
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[open_brace + 1 : i]
-        i += 1
-    return None
+    matches = {}
+    stack = []
+    for token in _BRACE_TOKEN.finditer(text):
+        brace = token.group()
+        if brace == "{":
+            stack.append(token.start())
+        elif brace == "}" and stack:
+            matches[stack.pop()] = token.start()
+    return matches
 
 
 def find_boxed(text: str) -> list[str]:
     """Arguments of every ``\\boxed{}`` / ``\\fbox{}`` in ``text`` (unbalanced ones are skipped)."""
+    occurrences = list(_BOXED.finditer(text))
+    if not occurrences:
+        return []
+    closing = _matching_braces(text)
     found = []
-    for match in _BOXED.finditer(text):
-        content = _balanced_argument(text, match.end() - 1)
-        if content is not None and content.strip():
-            found.append(content.strip())
+    for match in occurrences:
+        open_brace = match.end() - 1
+        if open_brace in closing:
+            content = text[open_brace + 1 : closing[open_brace]].strip()
+            if content:
+                found.append(content)
     return found
 
 
@@ -156,7 +166,9 @@ def _clean_phrase_answer(rest: str) -> str:
 def _phrase_candidates(text: str, pattern: re.Pattern[str]) -> list[str]:
     found = []
     for match in pattern.finditer(text):
-        answer = _clean_phrase_answer(text[match.end() :])
+        # A bounded window keeps many markers in a huge text linear; a longer answer would be
+        # refused by the pre-screen anyway.
+        answer = _clean_phrase_answer(text[match.end() : match.end() + _PHRASE_WINDOW])
         if answer:
             found.append(answer)
     return found
@@ -179,7 +191,9 @@ def _agreement_key(answer: str) -> object:
 
 def is_disjunction(answer: str) -> bool:
     """Whether ``answer`` offers alternatives joined by "or" (e.g. ``3 or 4``)."""
-    return _DISJUNCTION.search(answer) is not None
+    first = len(answer) - len(answer.lstrip())
+    end = len(answer.rstrip())
+    return any(first < m.start() and m.end() < end for m in _OR_WORD.finditer(answer))
 
 
 def extract_final(text: str) -> Extraction:

@@ -79,6 +79,15 @@ def _unwrap_once(s: str) -> str:
     return s
 
 
+def _unwrap(s: str) -> str:
+    """Strip delimiters, whole-string wrappers and trailing periods until nothing changes."""
+    previous = None
+    while previous != s:
+        previous = s
+        s = _unwrap_once(s.strip().rstrip(".").rstrip())
+    return s
+
+
 def _braces_balanced(s: str) -> bool:
     depth = 0
     i = 0
@@ -116,10 +125,7 @@ def parse_number(text: str, *, allow_units: bool = True) -> Fraction | None:
     s = text.strip().replace("\u2212", "-")
     if len(s) > MAX_NUMBER_CHARS:
         return None
-    previous = None
-    while previous != s:
-        previous = s
-        s = _unwrap_once(s)
+    s = _unwrap(s)
     s = _SPACING.sub("", s).replace("{,}", ",").strip().rstrip(".").strip()
     if allow_units:
         s = _strip_units(s)
@@ -149,11 +155,7 @@ def compact_latex(text: str) -> str:
     ``\\left``/``\\right``, all whitespace and a trailing period; ``\\dfrac``/``\\tfrac`` become
     ``\\frac``. Two answers with the same compact form are the same answer.
     """
-    s = text.strip()
-    previous = None
-    while previous != s:
-        previous = s
-        s = _unwrap_once(s)
+    s = _unwrap(text)
     s = _LEFT_RIGHT.sub("", _SPACING.sub("", s))
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     return "".join(s.split()).rstrip(".")

@@ -77,12 +77,15 @@ class TrlMathReward:
         self.__name__ = name
 
     def __call__(
-        self, prompts: Sequence[Any] | None = None, completions: Sequence[Any] = (), **kwargs: Any
+        self,
+        prompts: Sequence[Any] | None = None,
+        completions: Sequence[Any] = (),
+        completion_ids: Sequence[Any] | None = None,
+        **kwargs: Any,
     ) -> list[float | None]:
         if self.answer_column not in kwargs:
-            columns = sorted(
-                k for k in kwargs if k not in ("trainer_state", "log_extra", "log_metric")
-            )
+            hooks = ("trainer_state", "log_extra", "log_metric", "environments")
+            columns = sorted(k for k in kwargs if k not in hooks)
             raise KeyError(
                 f"reward '{self.__name__}' reads the gold answer from dataset column "
                 f"'{self.answer_column}', which is missing; columns passed: {columns}"
