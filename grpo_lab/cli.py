@@ -3,6 +3,8 @@
     grpo-lab train RECIPE.yaml [key=value ...]     train (GRPO / PPO-head / PPO-critic)
     grpo-lab eval MODEL_OR_RUN [--dataset arith]   held-out greedy / pass@1 / maj@k accuracy
     grpo-lab demo                                  the three objectives on the embedded tiny model
+    grpo-lab sweep SWEEP.yaml                      GRPO-vs-PPO ablation: runs, report.md, plots
+    grpo-lab merge RUN_OR_ADAPTER OUT              fold a LoRA adapter into its base model
     grpo-lab config [RECIPE] [key=value ...]       print a resolved config; --explain lists every key
 
 Overrides are dotted keys into the recipe, e.g. ``trainer.lr=1e-6 rollout.group_size=4
@@ -114,6 +116,47 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from grpo_lab.sweep import run_sweep
+
+    result = run_sweep(
+        args.sweep, overrides=args.overrides, dry_run=args.dry_run, report_only=args.report_only
+    )
+    return result.exit_code
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    """Fold a LoRA adapter into its base model and write a plain model folder."""
+    import shutil
+
+    from peft import PeftModel
+
+    from grpo_lab.models import load_causal_lm, load_tokenizer
+
+    adapter, _ = _resolve_model(args.adapter)
+    adapter_cfg = Path(adapter) / "adapter_config.json"
+    if not adapter_cfg.is_file():
+        raise SystemExit(f"{adapter}: no adapter_config.json (is this a LoRA run?)")
+    import json
+
+    base = args.base or json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
+    model = PeftModel.from_pretrained(load_causal_lm(base, dtype=args.dtype), adapter)
+    merged = model.merge_and_unload()
+    out = Path(args.out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    load_tokenizer(
+        adapter if (Path(adapter) / "tokenizer_config.json").is_file() else base
+    ).save_pretrained(tmp)
+    if (Path(adapter) / "value_head.safetensors").is_file():
+        shutil.copy(Path(adapter) / "value_head.safetensors", tmp / "value_head.safetensors")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    print(f"merged {adapter} into {base} -> {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="grpo-lab",
@@ -182,6 +225,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="runs/demo")
     p.set_defaults(func=_cmd_demo)
 
+    p = sub.add_parser(
+        "sweep",
+        help="run a GRPO-vs-PPO ablation sweep and write its report",
+        description="Runs every variant x grid point x seed of a sweep file one after "
+        "another (a finished run is not redone), then writes report.md, summary.csv "
+        "and plots into the sweep's output_dir. See recipes/sweeps/.",
+    )
+    p.add_argument("sweep", help="sweep YAML file")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="key=value: sweep keys (seeds=[0], output_dir=...) or dotted run overrides",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the commands without running them")
+    p.add_argument(
+        "--report-only", action="store_true", help="only aggregate the runs already on disk"
+    )
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser(
+        "merge",
+        help="merge a LoRA adapter into its base model",
+        description="Writes a plain model folder (base weights + LoRA folded in) from a "
+        "LoRA run folder or adapter folder.",
+    )
+    p.add_argument("adapter", help="run folder (uses final/) or adapter folder")
+    p.add_argument("out", help="output folder for the merged model")
+    p.add_argument(
+        "--base", default=None, help="base model (default: the adapter's base_model_name_or_path)"
+    )
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=_cmd_merge)
+
     p = sub.add_parser("config", help="print a resolved config, or --explain every key")
     p.add_argument("recipe", nargs="?", default=None)
     p.add_argument("overrides", nargs="*")
@@ -195,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from grpo_lab.checkpoint import CheckpointError
     from grpo_lab.config import ConfigError
+    from grpo_lab.sweep import SweepError
 
     _setup_logging()
     args = build_parser().parse_args(argv)
@@ -203,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as e:
         print(f"grpo-lab: config error: {e}", file=sys.stderr)
+        return 2
+    except (SweepError, CheckpointError) as e:
+        print(f"grpo-lab: {e}", file=sys.stderr)
         return 2
 
 
