@@ -369,6 +369,25 @@ class Trainer:
         return torch.cat(outs, dim=0)
 
     @contextmanager
+    def _phase(self, name: str):
+        """A timed harness phase that turns CUDA out-of-memory into an actionable message."""
+        try:
+            with self.harness.phase(name):
+                yield
+        except torch.cuda.OutOfMemoryError as e:
+            r, t = self.cfg.rollout, self.cfg.trainer
+            local_seqs = r.prompts_per_step * r.group_size // self.world
+            raise RuntimeError(
+                f"CUDA out of memory in the {name!r} phase: {local_seqs} sequences per process, "
+                f"up to {r.max_new_tokens} new tokens, micro-batch {t.micro_batch_size}, "
+                f"generation batch {r.batch_size or local_seqs}, ZeRO stage {self.zero_stage}, "
+                f"LoRA r={self.cfg.model.lora.r}. To use less memory: lower "
+                "trainer.micro_batch_size (update) or rollout.batch_size (rollout), set "
+                "model.gradient_checkpointing=true, use a ZeRO-3 launch config "
+                "(recipes/accelerate/zero3.yaml), or train LoRA adapters (model.lora.r=16)."
+            ) from e
+
+    @contextmanager
     def _reference_model(self):
         """The reference policy: its own frozen copy, or (LoRA) the policy with adapters off."""
         if self.reference is not None:
@@ -383,9 +402,9 @@ class Trainer:
         h.start_step()
         problems = self._local_problems(self.sampler.next_batch())
 
-        with h.phase("rollout"):
+        with self._phase("rollout"):
             batch = self._rollout([p.question for p in problems])
-        with h.phase("reward"):
+        with self._phase("reward"):
             golds = [p.answer for p in problems for _ in range(cfg.rollout.group_size)]
             results = score_batch(
                 decode_completions(self.tokenizer, batch), golds, timeout_s=cfg.reward.timeout_s
@@ -394,7 +413,7 @@ class Trainer:
                 [r.score for r in results], dtype=torch.float32, device=batch.completion_ids.device
             )
         exp = self._make_experience(batch, rewards)
-        with h.phase("update"):
+        with self._phase("update"):
             train_metrics = self._update(exp)
         h.add_tokens(
             generated=int(batch.completion_mask.sum()),
@@ -442,7 +461,7 @@ class Trainer:
         return batch.to(self.acc.device)
 
     def _make_experience(self, batch: RolloutBatch, rewards: torch.Tensor) -> Experience:
-        cfg, h = self.cfg, self.harness
+        cfg = self.cfg
         mask = batch.completion_mask
         updates_per_batch = cfg.trainer.epochs * cfg.trainer.num_minibatches
         old_logp = old_values = ref_logp = None
@@ -450,13 +469,13 @@ class Trainer:
         # sampled, so the ratio is exactly 1: the old-log-prob forward is skipped and the update
         # uses its own detached log-probs (same gradient, one forward fewer).
         if updates_per_batch > 1:
-            with h.phase("old_logprob"):
+            with self._phase("old_logprob"):
                 old_logp = self._no_grad_forward(self.policy, batch, want="logp")
         if cfg.loss.kl_coef > 0:
-            with h.phase("ref"), self._reference_model() as reference:
+            with self._phase("ref"), self._reference_model() as reference:
                 ref_logp = self._no_grad_forward(reference, batch, want="logp")
         if self.is_ppo:
-            with h.phase("values"):
+            with self._phase("values"):
                 value_model = self.critic if self.critic is not None else self.policy
                 old_values = self._no_grad_forward(value_model, batch, want="values") * mask
 

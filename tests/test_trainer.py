@@ -60,7 +60,9 @@ def _grads(module) -> list[torch.Tensor]:
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
 def test_update_does_not_depend_on_micro_batch_split(objective, tiny_model_dir, tmp_path):
     """Same loss and gradients for 1x8, 4x2 and 8x1 micro-batches of one minibatch of 8."""
-    cfg = small_config(tiny_model_dir, tmp_path, *OBJECTIVES[objective], "trainer.epochs=2", "loss.kl_coef=0.1")
+    cfg = small_config(
+        tiny_model_dir, tmp_path, *OBJECTIVES[objective], "trainer.epochs=2", "loss.kl_coef=0.1"
+    )
     trainer = Trainer(cfg)
     trainer.harness.start_step()
     torch.manual_seed(1)
@@ -80,7 +82,11 @@ def test_update_does_not_depend_on_micro_batch_split(objective, tiny_model_dir, 
             m.zero_grad(set_to_none=True)
         totals, n_micro = trainer.accumulate_gradients(exp, idx)
         assert n_micro == 8 // micro
-        results[micro] = (totals["loss/total"], totals["loss/policy"], [g for m in models for g in _grads(m)])
+        results[micro] = (
+            totals["loss/total"],
+            totals["loss/policy"],
+            [g for m in models for g in _grads(m)],
+        )
 
     ref_total, ref_policy, ref_grads = results[8]
     assert torch.isfinite(ref_total)
@@ -175,7 +181,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_model_dir, tmp_path)
     metrics = killed / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        steps = [json.loads(line).get("step") for line in metrics.open()] if metrics.exists() else []
+        steps = (
+            [json.loads(line).get("step") for line in metrics.open()] if metrics.exists() else []
+        )
         if 3 in steps:
             break
         time.sleep(0.05)
@@ -201,7 +209,10 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_model_dir, tmp_path)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     # Only the newest `keep` checkpoints remain.
-    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == [
+        "step_0000002",
+        "step_0000004",
+    ]
 
 
 def test_resume_with_a_different_algorithm_is_refused(tiny_model_dir, tmp_path):
@@ -209,7 +220,9 @@ def test_resume_with_a_different_algorithm_is_refused(tiny_model_dir, tmp_path):
 
     cfg = small_config(tiny_model_dir, tmp_path, "trainer.max_steps=1", "checkpoint.every=1")
     Trainer(cfg).train()
-    other = small_config(tiny_model_dir, tmp_path, "algorithm=ppo", "resume=auto", "trainer.max_steps=2")
+    other = small_config(
+        tiny_model_dir, tmp_path, "algorithm=ppo", "resume=auto", "trainer.max_steps=2"
+    )
     with pytest.raises(CheckpointError, match="algorithm"):
         Trainer(other)
 
@@ -223,3 +236,98 @@ def test_partial_checkpoint_is_ignored(tiny_model_dir, tmp_path, caplog):
     resumed = Trainer(small_config(tiny_model_dir, tmp_path, "resume=auto", "trainer.max_steps=2"))
     assert resumed.global_step == 1
     assert "partial checkpoint" in caplog.text
+
+
+# ------------------------------------------------------------------ LoRA, robustness
+
+
+def test_lora_uses_the_policy_without_adapters_as_reference(tiny_model_dir, tmp_path):
+    """LoRA: no second model; KL against the adapter-free policy; the value head still trains;
+    final/ holds an adapter, and `grpo-lab merge` writes a model with the same outputs."""
+    from peft import PeftModel
+
+    from grpo_lab.cli import main
+    from grpo_lab.models import load_causal_lm
+
+    cfg = small_config(
+        tiny_model_dir, tmp_path, "algorithm=ppo", "ppo.value=head", "loss.kl_coef=0.1",
+        "model.lora.r=4", "model.lora.alpha=8", "trainer.max_steps=2",
+        "model.lora.target_modules=[q_proj,v_proj,up_proj]",
+    )  # fmt: skip
+    trainer = Trainer(cfg)
+    assert trainer.reference is None
+    head_before = trainer.policy.v_head.linear.weight.detach().clone()
+    base_before = {
+        n: p.detach().clone()
+        for n, p in trainer.policy.named_parameters()
+        if "lora_" not in n and "v_head" not in n
+    }
+    history = trainer.train()
+    # LoRA B starts at zero, so at step 1 the policy equals its reference: KL exactly 0.
+    assert history[0]["policy/kl_ref"] == 0.0
+    assert history[1]["policy/kl_ref"] > 0.0
+    assert not torch.equal(trainer.policy.v_head.linear.weight, head_before)
+    for n, p in trainer.policy.named_parameters():
+        if n in base_before:
+            assert torch.equal(p, base_before[n]), f"frozen base weight {n} changed"
+    assert (tmp_path / "final" / "adapter_config.json").is_file()
+
+    merged_dir = tmp_path / "merged"
+    assert main(["merge", str(tmp_path), str(merged_dir), "--base", tiny_model_dir]) == 0
+    merged = load_causal_lm(str(merged_dir))
+    adapter = PeftModel.from_pretrained(load_causal_lm(tiny_model_dir), tmp_path / "final")
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    torch.testing.assert_close(merged(ids).logits, adapter(ids).logits)
+
+
+def test_out_of_memory_names_the_phase_and_the_knobs(tiny_model_dir, tmp_path, monkeypatch):
+    import grpo_lab.trainer as trainer_module
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(trainer_module, "generate", oom)
+    trainer = Trainer(small_config(tiny_model_dir, tmp_path, "trainer.max_steps=1"))
+    with pytest.raises(RuntimeError, match="'rollout' phase") as info:
+        trainer.step()
+    for knob in (
+        "trainer.micro_batch_size",
+        "rollout.batch_size",
+        "gradient_checkpointing",
+        "zero3",
+        "model.lora.r",
+    ):
+        assert knob in str(info.value)
+
+
+def test_non_finite_gradients_skip_updates_then_stop(tiny_model_dir, tmp_path, monkeypatch):
+    cfg = small_config(
+        tiny_model_dir, tmp_path, "trainer.max_steps=5", "trainer.max_skipped_steps=2"
+    )
+    trainer = Trainer(cfg)
+    before = [p.detach().clone() for p in trainer.policy.parameters()]
+    real = trainer.accumulate_gradients
+
+    def poisoned(exp, idx):
+        totals, n = real(exp, idx)
+        next(trainer.policy.parameters()).grad.fill_(float("nan"))
+        return totals, n
+
+    monkeypatch.setattr(trainer, "accumulate_gradients", poisoned)
+    record = trainer.step()
+    assert record["optim/skipped_steps"] == 1
+    for p, b in zip(trainer.policy.parameters(), before):
+        assert torch.equal(p, b)  # the update was skipped, not applied with NaNs
+    with pytest.raises(RuntimeError, match="2 consecutive updates had non-finite gradients"):
+        trainer.step()
+
+
+def test_global_whitening_stats_match_the_masked_statistics(tiny_model_dir, tmp_path):
+    from grpo_lab.algos import masked_mean, masked_var
+
+    trainer = Trainer(small_config(tiny_model_dir, tmp_path))
+    x = torch.randn(6, 5)
+    mask = (torch.rand(6, 5) > 0.3).long()
+    mean, var = trainer._global_masked_stats(x, mask)
+    torch.testing.assert_close(mean, masked_mean(x, mask))
+    torch.testing.assert_close(var, masked_var(x, mask))
