@@ -358,15 +358,17 @@ class Trainer:
             compute_entropy=entropy,
         )
 
-    def _no_grad_forward(self, model, batch: RolloutBatch, *, want: str) -> torch.Tensor:
-        """Log-probs or values for the whole batch, micro-batch by micro-batch, without grad."""
+    def _no_grad_forward(self, model, batch: RolloutBatch, *wants: str) -> tuple[torch.Tensor, ...]:
+        """Completion log-probs and/or values ([N, C] each) for the whole batch, micro-batch by
+        micro-batch, without grad. `wants` names CompletionOutputs fields."""
         mb = self.cfg.trainer.micro_batch_size
-        outs = []
+        outs: dict[str, list[torch.Tensor]] = {w: [] for w in wants}
         with torch.no_grad():
             for start in range(0, batch.num_sequences, mb):
                 out = self._forward(model, batch.select(slice(start, start + mb)))
-                outs.append(getattr(out, want).detach())
-        return torch.cat(outs, dim=0)
+                for w in wants:
+                    outs[w].append(getattr(out, w).detach())
+        return tuple(torch.cat(outs[w], dim=0) for w in wants)
 
     @contextmanager
     def _phase(self, name: str):
@@ -468,16 +470,22 @@ class Trainer:
         # NOTE: with a single optimizer step per batch the policy that is updated *is* the one that
         # sampled, so the ratio is exactly 1: the old-log-prob forward is skipped and the update
         # uses its own detached log-probs (same gradient, one forward fewer).
-        if updates_per_batch > 1:
+        if updates_per_batch > 1 and self.value_mode == "head":
+            # One pass of the shared trunk gives both the behaviour log-probs and the values.
             with self._phase("old_logprob"):
-                old_logp = self._no_grad_forward(self.policy, batch, want="logp")
+                old_logp, old_values = self._no_grad_forward(self.policy, batch, "logp", "values")
+        elif updates_per_batch > 1:
+            with self._phase("old_logprob"):
+                (old_logp,) = self._no_grad_forward(self.policy, batch, "logp")
         if cfg.loss.kl_coef > 0:
             with self._phase("ref"), self._reference_model() as reference:
-                ref_logp = self._no_grad_forward(reference, batch, want="logp")
-        if self.is_ppo:
+                (ref_logp,) = self._no_grad_forward(reference, batch, "logp")
+        if self.is_ppo and old_values is None:
             with self._phase("values"):
                 value_model = self.critic if self.critic is not None else self.policy
-                old_values = self._no_grad_forward(value_model, batch, want="values") * mask
+                (old_values,) = self._no_grad_forward(value_model, batch, "values")
+        if old_values is not None:
+            old_values = old_values * mask
 
         # Outcome reward on the last completion token; optional per-token KL penalty (classic PPO).
         token_rewards = torch.zeros_like(batch.sampling_logp)
