@@ -15,6 +15,7 @@ Only math-verify's LaTeX extraction is used: its plain-expression extraction goe
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -32,10 +33,15 @@ _LATEX_ONLY = (LatexExtractionConfig(boxed_match_priority=0),)
 _PR_SET_PDEATHSIG = 1
 
 
-def _parse(answer: str) -> list:
+# Parsing (latex2sympy's ANTLR grammar, pure Python) costs 10-150 ms and dominates a comparison;
+# the G completions of a GRPO group share one gold, and answers repeat, so parses are cached.
+# sympy objects are immutable, so sharing them between comparisons is safe.
+@functools.lru_cache(maxsize=4096)
+def _parse(answer: str) -> tuple:
     # A bare `$` is a currency sign in an answer; inside `$\boxed{...}$` it would end the math span.
     body = answer.replace("\\$", "").replace("$", "")
-    return parse("$\\boxed{" + body + "}$", extraction_config=_LATEX_ONLY, parsing_timeout=None)
+    parsed = parse("$\\boxed{" + body + "}$", extraction_config=_LATEX_ONLY, parsing_timeout=None)
+    return tuple(parsed)
 
 
 def compare(pred: str, gold: str) -> str:
@@ -45,7 +51,8 @@ def compare(pred: str, gold: str) -> str:
     if not gold_parsed or not pred_parsed:
         return "parse_error"
     # NOTE: verify is asymmetric (gold first): assignments like `x=3` are unwrapped on that basis.
-    return "correct" if verify(gold_parsed, pred_parsed, timeout_seconds=None) else "wrong"
+    equal = verify(list(gold_parsed), list(pred_parsed), timeout_seconds=None)
+    return "correct" if equal else "wrong"
 
 
 def _confine(memory_limit_bytes: int) -> None:

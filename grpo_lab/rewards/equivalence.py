@@ -116,7 +116,7 @@ def _numbers_equal(pred: Fraction, gold: Fraction) -> bool:
 
 def fast_equiv(pred: str, gold: str) -> bool | None:
     """Decide in-process if possible: ``True``/``False``, or ``None`` when sympy is needed."""
-    if compact_latex(pred) == compact_latex(gold):
+    if pred == gold or compact_latex(pred) == compact_latex(gold):
         return True
     gold_value = parse_number(gold)
     if gold_value is None:

@@ -209,8 +209,8 @@ def extract_final(text: str) -> Extraction:
         candidates = rule(body)
         if candidates:
             answer = candidates[-1]
-            keys = {_agreement_key(c) for c in candidates}
-            hedged = len(keys) > 1 or is_disjunction(answer)
+            disagree = len(candidates) > 1 and len({_agreement_key(c) for c in candidates}) > 1
+            hedged = disagree or is_disjunction(answer)
             return Extraction(answer, name, tuple(candidates), hedged)
     bare = body.strip().rstrip(".").strip()
     if parse_number(bare, allow_units=False) is not None:

@@ -37,6 +37,7 @@ __all__ = ["compact_latex", "parse_number"]
 # Longer strings are not plain numbers: keeps int() far from its 4300-digit conversion limit.
 MAX_NUMBER_CHARS = 400
 
+_SIMPLE_INTEGER = re.compile(r"-?\d{1,30}")
 _UNSIGNED = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+"
 _PLAIN = re.compile(rf"(?P<sign>[+-]?)\s*(?P<num>{_UNSIGNED})")
 _SLASH = re.compile(rf"(?P<sign>[+-]?)\s*(?P<num>{_UNSIGNED})\s*/\s*(?P<den>{_UNSIGNED})")
@@ -125,6 +126,8 @@ def parse_number(text: str, *, allow_units: bool = True) -> Fraction | None:
     s = text.strip().replace("\u2212", "-")
     if len(s) > MAX_NUMBER_CHARS:
         return None
+    if _SIMPLE_INTEGER.fullmatch(s):
+        return Fraction(int(s))  # the common GSM8K case, without the general machinery
     s = _unwrap(s)
     s = _SPACING.sub("", s).replace("{,}", ",").strip().rstrip(".").strip()
     if allow_units:
