@@ -1,0 +1,1053 @@
+"""Time optimizer steps of grpo_lab (GRPO, PPO value head, PPO critic) against TRL's GRPOTrainer.
+
+    python benchmarks/step_bench.py --preset tiny                      # CPU, about two minutes
+    python benchmarks/step_bench.py --preset w0.5b --out w.json        # one GPU, workload W
+    python benchmarks/step_bench.py --preset w0.5b --impls grpo,ppo_head,ppo_critic   # no TRL
+
+Every implementation runs in this one process, on the same model folder, prompts, group size G,
+completion length, dtype and learning rate. After ``--warmup`` untimed steps, ``--steps`` steps
+are timed; a table shows the median step time, grpo_lab's per-phase medians, peak memory and both
+as ratios to TRL's, and the LAST stdout line is one JSON object with everything.
+
+Presets:
+
+- ``tiny`` (CPU): the embedded tiny model, arithmetic prompts, 16 prompts x G=8, at most 6 new
+  tokens (EOS allowed, so completions vary in length; the mean length of both sides is recorded),
+  float32, lr 1e-4: ``recipes/tiny_arith_*.yaml`` with the overrides listed in the JSON.
+- ``w0.5b`` (GPU, workload W): a randomly initialised model of Qwen2.5-0.5B's shape, bf16, sdpa,
+  gradient checkpointing, 8 prompts of 64 random words x G=8, exactly 256 new tokens (EOS
+  suppressed), micro-batches of 16 sequences: ``recipes/gsm8k_qwen2.5-0.5b_*.yaml`` with local
+  data. The model and a 151,936-word tokenizer are built locally (no hub) into a temporary folder
+  that both grpo_lab and TRL load.
+
+What one "step" is:
+
+- grpo_lab: one ``Trainer.step()`` (sample prompts, rollout, reward, scoring passes, the update).
+  GRPO makes one optimizer update per step; the PPO recipes make ``epochs x num_minibatches``
+  updates per step (their design), so their step is one rollout batch, not one update.
+- TRL: one optimizer step of ``GRPOTrainer``, timed by a callback from ``on_step_begin`` to
+  ``on_step_end``. That window holds generation, reward, the forward/backward passes, clipping and
+  the optimizer step; it leaves out fetching the prompt batch and the logging hook.
+
+TRL settings chosen to match grpo_lab (and why):
+
+- ``loss_type="dapo"``: the per-token loss summed over the generation batch and divided by its
+  number of completion tokens, however the batch is split into micro-batches. That is grpo_lab's
+  ``token-mean`` with global token counts. ``bnpo`` divides per micro-batch (the same only with
+  one micro-batch) and ``grpo`` averages per sequence first.
+- ``scale_rewards="group"`` (group-std-scaled advantages, as ``advantage.scale: group``),
+  ``beta=0.0`` (no reference model, like ``loss.kl_coef: 0``), ``num_iterations=1`` and
+  ``steps_per_generation = gradient_accumulation_steps`` (one generation batch per optimizer step,
+  so TRL, like grpo_lab, skips the old-log-prob pass), ``epsilon`` / ``epsilon_high`` = the
+  recipe's clip range, ``optim="adamw_torch"`` (the same ``torch.optim.AdamW`` as grpo_lab),
+  constant lr without warm-up, grad-norm clip 1.0, top-k/top-p off, temperature 1.
+- Same batch: ``per_device_train_batch_size`` = grpo_lab's GRPO micro-batch and
+  ``gradient_accumulation_steps`` = prompts x G / micro-batch.
+- Overheads grpo_lab does not have are off: ``logging_strategy="no"``, ``report_to="none"``,
+  ``save_strategy="no"``, ``eval_strategy="no"``, ``log_completions=False``, no progress bar.
+  TRL still gathers its per-step metrics (``.item()`` calls); that cannot be turned off.
+- NOTE: with bf16, TRL also runs under ``bf16=True`` autocast (its default); the weights and
+  optimizer states are bf16 on both sides.
+
+Measurement conventions:
+
+- Time: wall clock around each step, with CUDA synchronised at both ends; the median over the
+  timed steps is reported (min and max too). On a shared CPU the spread is large: compare medians
+  and read the load averages recorded in the JSON.
+- CUDA memory: the highest per-step peak of ``torch.cuda.max_memory_allocated`` over all steps
+  (warm-up included), for every implementation; weights, gradients, optimizer states and
+  activations all count.
+- CPU memory is weak evidence. ``ru_maxrss`` (grpo_lab's ``mem/rss_peak_gib``) is process-wide and
+  never decreases, so it cannot separate implementations that share a process. The figure compared
+  is instead the peak of the resident set, sampled every 5 ms while an implementation is built and
+  stepped, minus the resident set just before it was built (after freeing the previous one and
+  returning free heap to the OS). Short spikes can be missed. TRL runs first by default, so its
+  ``ru_maxrss`` is its own process peak.
+- Implementations run one after another in ``--impls`` order, each freed before the next.
+
+Reference figures for W on one H200 (measured elsewhere, printed for context only): TRL 1.16
+GRPOTrainer about 6.4 s per step at about 9 GiB peak; plain transformers ``generate`` of 64 x 256
+tokens (dynamic cache) about 3.8 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import itertools
+import json
+import math
+import os
+import platform
+import random
+import resource
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from grpo_lab.data import Problem, PromptSampler, make_arith  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = REPO / "recipes"
+GIB = float(2**30)
+
+IMPLS = ("trl", "grpo", "ppo_head", "ppo_critic")
+GRPO_LAB_IMPLS = ("grpo", "ppo_head", "ppo_critic")
+TRL_LOSS_TYPE = "dapo"
+TRL_LOSS_TYPE_REASON = (
+    "dapo divides the summed per-token loss by the completion-token count of the whole "
+    "generation batch, independent of micro-batching: grpo_lab's token-mean with global counts "
+    "(bnpo normalises per micro-batch, grpo per sequence)"
+)
+
+# Measured elsewhere (not by this script): workload W on one H200.
+REFERENCE_W = {
+    "device": "1x NVIDIA H200",
+    "trl_1.16_grpo_step_s": 6.4,
+    "trl_1.16_grpo_peak_gib": 9.0,
+    "hf_generate_64x256_dynamic_cache_s": 3.8,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One benchmark workload, identical for every implementation.
+
+    ``recipes`` maps each grpo_lab implementation to its recipe file (relative to ``recipes/``);
+    ``micro_batch_size`` is grpo_lab GRPO's micro-batch and TRL's per-device batch, in sequences.
+    """
+
+    name: str
+    recipes: dict[str, str]
+    model: str  # "tiny" (the embedded model) or "w" (Qwen2.5-0.5B shape, random init)
+    prompts_per_step: int
+    group_size: int
+    max_new_tokens: int
+    fixed_length: bool  # EOS suppressed: every completion has exactly max_new_tokens tokens
+    dtype: str
+    lr: float
+    micro_batch_size: int
+    gradient_checkpointing: bool
+    attn_implementation: str | None
+    clip_low: float
+    clip_high: float | None
+    prompt_words: int = 0  # "w" only: words per random prompt (one token each)
+    needs_gpu: bool = False
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        name="tiny",
+        recipes={
+            "grpo": "tiny_arith_grpo.yaml",
+            "ppo_head": "tiny_arith_ppo_head.yaml",
+            "ppo_critic": "tiny_arith_ppo_critic.yaml",
+        },
+        model="tiny",
+        prompts_per_step=16,
+        group_size=8,
+        max_new_tokens=6,
+        fixed_length=False,
+        dtype="float32",
+        lr=1e-4,
+        micro_batch_size=128,
+        gradient_checkpointing=False,
+        attn_implementation=None,
+        clip_low=0.2,
+        clip_high=None,
+    ),
+    "w0.5b": Preset(
+        name="w0.5b",
+        recipes={
+            "grpo": "gsm8k_qwen2.5-0.5b_grpo.yaml",
+            "ppo_head": "gsm8k_qwen2.5-0.5b_ppo_head.yaml",
+            "ppo_critic": "gsm8k_qwen2.5-0.5b_ppo_critic.yaml",
+        },
+        model="w",
+        prompts_per_step=8,
+        group_size=8,
+        max_new_tokens=256,
+        fixed_length=True,
+        dtype="bfloat16",
+        lr=1e-6,
+        micro_batch_size=16,
+        gradient_checkpointing=True,
+        attn_implementation="sdpa",
+        clip_low=0.2,
+        clip_high=0.28,
+        prompt_words=64,
+        needs_gpu=True,
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Workload W: Qwen2.5-0.5B shape, random weights, a synthetic word-level tokenizer
+# ---------------------------------------------------------------------------------------------
+
+W_SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")
+W_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+# ByteLevel writes a leading space as this character.
+SPACE_MARK = "\u0120"
+
+
+@dataclass(frozen=True)
+class WShape:
+    """Architecture of the W model; the defaults are Qwen2.5-0.5B's."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 896
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14
+    num_key_value_heads: int = 2
+    intermediate_size: int = 4864
+    max_position_embeddings: int = 32768
+    rope_theta: float = 1e6
+    tie_word_embeddings: bool = True
+
+
+def w_word_length(vocab_size: int) -> int:
+    """Letters per W word: the shortest length L whose words fill the vocabulary left after the
+    special tokens, the 256 byte symbols and the merge intermediates of lengths 1 .. L-1."""
+    base = len(W_SPECIAL_TOKENS) + 256
+    intermediates = 0
+    for length in range(1, 8):
+        if 0 < vocab_size - base - intermediates <= len(W_LETTERS) ** length:
+            return length
+        intermediates += len(W_LETTERS) ** length
+    raise ValueError(f"vocab_size {vocab_size} is too small or too large for W words")
+
+
+def w_words(vocab_size: int) -> list[str]:
+    """The whole-word tokens of the W tokenizer (without their leading space), in id order."""
+    length = w_word_length(vocab_size)
+    n_intermediate = sum(len(W_LETTERS) ** k for k in range(1, length))
+    n_words = vocab_size - len(W_SPECIAL_TOKENS) - 256 - n_intermediate
+    words = ("".join(t) for t in itertools.product(W_LETTERS, repeat=length))
+    return list(itertools.islice(words, n_words))
+
+
+def build_w_tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerFast:
+    """Byte-level BPE tokenizer of exactly ``vocab_size`` entries in which " " + word is ONE token
+    for every word of :func:`w_words`.
+
+    Ids: <pad>=0, <eos>=1, <unk>=2, the 256 byte symbols, then space-prefixed letter strings by
+    length (" a" .. " zz.." as merge intermediates, then the words). Merges only extend a
+    space-prefixed string by one letter, so " abcd" becomes one token and a prompt of n words
+    written as " w1 w2 ... wn" is n tokens; no special tokens are added.
+
+    NOTE: transformers 5 loads any folder whose config says ``qwen2`` with ``Qwen2Tokenizer``
+    (byte-level BPE with Qwen's split pattern) whatever ``tokenizer_config.json`` says, keeping
+    only the vocabulary and merges. A word-level tokenizer would silently lose every token there;
+    this one tokenises space-separated lowercase words identically under both pipelines.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    words = w_words(vocab_size)
+    length = w_word_length(vocab_size)
+    vocab = {tok: i for i, tok in enumerate(W_SPECIAL_TOKENS)}
+    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[symbol] = len(vocab)
+    merges = []
+    stems = ["".join(t) for k in range(1, length) for t in itertools.product(W_LETTERS, repeat=k)]
+    for stem in [*stems, *words]:
+        token = SPACE_MARK + stem
+        vocab[token] = len(vocab)
+        merges.append((token[:-1], token[-1]))
+    if len(vocab) != vocab_size:
+        raise AssertionError(f"built {len(vocab)} entries, expected {vocab_size}")
+    core = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    core.decoder = decoders.ByteLevel()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        padding_side="left",
+    )
+
+
+def build_w_config(
+    shape: WShape, tokenizer: transformers.PreTrainedTokenizerBase
+) -> transformers.Qwen2Config:
+    """Qwen2 config of ``shape`` with the tokenizer's special-token ids (no BOS)."""
+    if len(tokenizer) > shape.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} entries, more than {shape.vocab_size}")
+    return transformers.Qwen2Config(
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        intermediate_size=shape.intermediate_size,
+        max_position_embeddings=shape.max_position_embeddings,
+        rope_theta=shape.rope_theta,
+        tie_word_embeddings=shape.tie_word_embeddings,
+        rms_norm_eps=1e-6,
+        use_sliding_window=False,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def save_w_model(
+    folder: Path, shape: WShape, *, dtype: str, attn_implementation: str | None, seed: int
+) -> Path:
+    """Randomly initialise the W model (seeded) and save it with its tokenizer into ``folder``."""
+    from grpo_lab.models import random_init_causal_lm
+
+    tokenizer = build_w_tokenizer(shape.vocab_size)
+    config = build_w_config(shape, tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = random_init_causal_lm(config, dtype=dtype, attn_implementation=attn_implementation)
+    generation = model.generation_config
+    generation.eos_token_id = tokenizer.eos_token_id
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.bos_token_id = None
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def random_word_prompts(n: int, *, words: int, vocab_size: int, seed: int) -> list[Problem]:
+    """``n`` prompts of ``words`` random W words each, every word one token (so each prompt
+    starts with a space: " abcd efgh ..."); gold answers are all "0"."""
+    vocabulary = w_words(vocab_size)
+    rng = random.Random(f"step_bench:{seed}")
+    return [
+        Problem(
+            question="".join(" " + rng.choice(vocabulary) for _ in range(words)),
+            answer="0",
+            id=f"w:{i}",
+        )
+        for i in range(n)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared workload
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    """The model folder and prompt pool every implementation uses."""
+
+    model_path: str
+    problems: list[Problem]
+
+
+def prepare_workload(
+    preset: Preset, workdir: Path, *, total_steps: int, seed: int, w_shape: WShape | None = None
+) -> Workload:
+    """Build (or find) the preset's model and ``prompts_per_step * total_steps`` prompts."""
+    n = preset.prompts_per_step * max(1, total_steps)
+    if preset.model == "tiny":
+        from grpo_lab.tiny import ensure_tiny_model
+
+        return Workload(str(ensure_tiny_model()), make_arith(n, seed=seed, split="train"))
+    if preset.model == "w":
+        shape = w_shape or WShape()
+        path = save_w_model(
+            workdir / "w_model",
+            shape,
+            dtype=preset.dtype,
+            attn_implementation=preset.attn_implementation,
+            seed=seed,
+        )
+        prompts = random_word_prompts(
+            n, words=preset.prompt_words, vocab_size=shape.vocab_size, seed=seed
+        )
+        # Both trainers load the tokenizer with AutoTokenizer; check what they will see.
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        lengths = {len(ids) for ids in tokenizer([p.question for p in prompts])["input_ids"]}
+        if lengths != {preset.prompt_words}:
+            raise RuntimeError(
+                f"{path}: AutoTokenizer ({type(tokenizer).__name__}) gives prompts of {lengths} "
+                f"tokens, expected {preset.prompt_words}"
+            )
+        return Workload(str(path), prompts)
+    raise ValueError(f"preset {preset.name!r}: unknown model kind {preset.model!r}")
+
+
+def grpo_lab_overrides(
+    preset: Preset, impl: str, *, model_path: str, output_dir: str, max_steps: int, seed: int
+) -> list[str]:
+    """Dotted overrides that turn the impl's recipe into this preset's workload."""
+    overrides = [
+        f"seed={seed}",
+        f"output_dir={output_dir}",
+        f"model.name_or_path={model_path}",
+        f"model.dtype={preset.dtype}",
+        f"model.gradient_checkpointing={str(preset.gradient_checkpointing).lower()}",
+        f"model.attn_implementation={preset.attn_implementation or 'null'}",
+        # The prompts are swapped in after construction; arith builds instantly and offline.
+        "data.name=arith",
+        "data.path=null",
+        "data.template=plain",
+        "data.use_chat_template=false",
+        "data.num_eval=0",
+        f"rollout.prompts_per_step={preset.prompts_per_step}",
+        f"rollout.group_size={preset.group_size}",
+        f"rollout.max_new_tokens={preset.max_new_tokens}",
+        f"rollout.ignore_eos={str(preset.fixed_length).lower()}",
+        "rollout.temperature=1.0",
+        "rollout.top_p=1.0",
+        "rollout.top_k=null",
+        "rollout.batch_size=null",
+        "loss.kl_coef=0.0",
+        f"loss.clip_low={preset.clip_low}",
+        f"loss.clip_high={'null' if preset.clip_high is None else preset.clip_high}",
+        f"trainer.lr={preset.lr}",
+        "trainer.warmup_steps=0",
+        "trainer.lr_scheduler=constant",
+        "trainer.max_grad_norm=1.0",
+        f"trainer.max_steps={max_steps}",
+        "trainer.progress_bar=false",
+        "trainer.eval_every=0",
+        "checkpoint.every=0",
+    ]
+    if impl == "grpo":
+        overrides.append(f"trainer.micro_batch_size={preset.micro_batch_size}")
+    return overrides
+
+
+def trl_config_kwargs(
+    preset: Preset, *, output_dir: str, max_steps: int, seed: int, use_cpu: bool
+) -> dict:
+    """``GRPOConfig`` keyword arguments for the preset (see the module docstring for each choice)."""
+    n_seq, micro = preset.sequences_per_step, preset.micro_batch_size
+    if n_seq % micro:
+        raise ValueError(f"prompts x G ({n_seq}) must be divisible by the micro-batch ({micro})")
+    accumulation = n_seq // micro
+    init_kwargs: dict = {"dtype": preset.dtype}
+    if preset.attn_implementation is not None:
+        init_kwargs["attn_implementation"] = preset.attn_implementation
+    return {
+        "output_dir": output_dir,
+        "seed": seed,
+        "max_steps": max_steps,
+        "use_cpu": use_cpu,
+        "bf16": preset.dtype == "bfloat16",
+        "fp16": False,
+        "model_init_kwargs": init_kwargs,
+        "gradient_checkpointing": preset.gradient_checkpointing,
+        "learning_rate": preset.lr,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "optim": "adamw_torch",
+        "max_grad_norm": 1.0,
+        "per_device_train_batch_size": micro,
+        "gradient_accumulation_steps": accumulation,
+        "steps_per_generation": accumulation,
+        "num_generations": preset.group_size,
+        "num_iterations": 1,
+        "max_completion_length": preset.max_new_tokens,
+        "generation_kwargs": (
+            {"min_new_tokens": preset.max_new_tokens} if preset.fixed_length else None
+        ),
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "beta": 0.0,
+        "loss_type": TRL_LOSS_TYPE,
+        "scale_rewards": "group",
+        "epsilon": preset.clip_low,
+        "epsilon_high": preset.clip_high if preset.clip_high is not None else preset.clip_low,
+        "logging_strategy": "no",
+        "report_to": "none",
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "log_completions": False,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "remove_unused_columns": False,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _rss_gib() -> float:
+    """Current resident set of this process in GiB (Linux /proc; NaN elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except OSError:
+        return math.nan
+    return pages * os.sysconf("SC_PAGE_SIZE") / GIB
+
+
+def _ru_maxrss_gib() -> float:
+    # NOTE: ru_maxrss is KiB on Linux, bytes on macOS.
+    unit = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / GIB
+
+
+class RssSampler:
+    """Peak resident set while running, sampled by a background thread every ``interval_s``."""
+
+    def __init__(self, interval_s: float = 0.005) -> None:
+        self.interval_s = interval_s
+        self.peak_gib = _rss_gib()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_gib = max(self.peak_gib, _rss_gib())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_gib = max(self.peak_gib, _rss_gib())
+
+
+def free_memory(device: torch.device) -> None:
+    """Collect garbage, give cached CUDA blocks back and free heap pages to the OS (glibc)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide singletons so the next trainer starts from scratch.
+
+    NOTE: TRL's trainer sets mixed precision and gradient-accumulation state on accelerate's
+    shared ``AcceleratorState``/``GradientState``; left in place, it would leak into the next one.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def summarise(values: Sequence[float]) -> dict[str, float]:
+    """Median, min and max of ``values`` (NaN for an empty list)."""
+    if not values:
+        return {"median": math.nan, "min": math.nan, "max": math.nan}
+    return {
+        "median": float(statistics.median(values)),
+        "min": float(min(values)),
+        "max": float(max(values)),
+    }
+
+
+@dataclass
+class ImplResult:
+    """Everything measured for one implementation; ``mem_gib`` is the figure compared."""
+
+    impl: str
+    step_s: list[float]  # timed steps only
+    warmup_step_s: list[float]
+    phases_s: dict[str, list[float]]  # phase -> per timed step
+    completion_len: list[float]  # mean completion length per timed step (EOS included)
+    mem_gib: float
+    mem_metric: str
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["step_s_summary"] = summarise(self.step_s)
+        out["phases_median_s"] = {k: summarise(v)["median"] for k, v in self.phases_s.items()}
+        out["completion_len_mean"] = (
+            float(statistics.fmean(self.completion_len)) if self.completion_len else math.nan
+        )
+        return out
+
+
+def _memory_metric(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "max per-step torch.cuda.max_memory_allocated (GiB)"
+    return "sampled RSS peak minus RSS before build (GiB, process-wide, weak)"
+
+
+# ---------------------------------------------------------------------------------------------
+# grpo_lab
+# ---------------------------------------------------------------------------------------------
+
+_NOT_PHASES = ("time/step_s", "time/total_s")
+
+
+def run_grpo_lab(
+    impl: str,
+    preset: Preset,
+    workload: Workload,
+    *,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    workdir: Path,
+    seed: int,
+) -> ImplResult:
+    """Build ``Trainer`` from the impl's recipe and time ``warmup + steps`` calls of ``step()``."""
+    from grpo_lab.config import load_config
+    from grpo_lab.trainer import Trainer
+
+    overrides = grpo_lab_overrides(
+        preset,
+        impl,
+        model_path=workload.model_path,
+        output_dir=str(workdir / f"run_{impl}"),
+        max_steps=warmup + steps,
+        seed=seed,
+    )
+    cfg = load_config(RECIPES / preset.recipes[impl], overrides)
+    free_memory(device)
+    rss_before = _rss_gib()
+    step_s, records = [], []
+    with RssSampler() as rss:
+        trainer = Trainer(cfg)
+        # Every implementation sees the same prompt pool (TRL gets it as its dataset).
+        trainer.sampler = PromptSampler(
+            workload.problems, batch_size=preset.prompts_per_step, seed=seed
+        )
+        for _ in range(warmup + steps):
+            _sync(device)
+            start = time.perf_counter()
+            record = trainer.step()
+            _sync(device)
+            step_s.append(time.perf_counter() - start)
+            records.append(record)
+    timed = records[warmup:]
+    phases: dict[str, list[float]] = {}
+    for record in timed:
+        for key, value in record.items():
+            if key.startswith("time/") and key.endswith("_s") and key not in _NOT_PHASES:
+                phases.setdefault(key.removeprefix("time/").removesuffix("_s"), []).append(value)
+    if device.type == "cuda":
+        mem = max(r.get("mem/peak_alloc_gib", math.nan) for r in records)
+    else:
+        mem = rss.peak_gib - rss_before
+    extra = {
+        "recipe": f"recipes/{preset.recipes[impl]}",
+        "overrides": overrides,
+        "updates_per_step": cfg.trainer.epochs * cfg.trainer.num_minibatches,
+        "micro_batch_size": cfg.trainer.micro_batch_size,
+        "harness_step_s": [r["time/step_s"] for r in timed],
+        "reward_mean": [r.get("reward/mean", math.nan) for r in timed],
+    }
+    if device.type == "cuda":
+        extra["harness_peak_reserved_gib"] = max(r.get("mem/peak_reserved_gib", 0) for r in records)
+    else:
+        extra["harness_rss_peak_gib"] = max(r.get("mem/rss_peak_gib", math.nan) for r in records)
+        extra["ru_maxrss_gib_after"] = _ru_maxrss_gib()
+    del trainer
+    free_memory(device)
+    reset_accelerate_state()
+    return ImplResult(
+        impl=impl,
+        step_s=step_s[warmup:],
+        warmup_step_s=step_s[:warmup],
+        phases_s=phases,
+        completion_len=[r["rollout/completion_len_mean"] for r in timed],
+        mem_gib=float(mem),
+        mem_metric=_memory_metric(device),
+        extra=extra,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# TRL
+# ---------------------------------------------------------------------------------------------
+
+
+def _timed(fn: Callable, sink: list[float], device: torch.device) -> Callable:
+    """``fn`` wrapped to append its synchronised wall time to ``sink``."""
+
+    def wrapper(*args, **kwargs):
+        _sync(device)
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _sync(device)
+            sink.append(time.perf_counter() - start)
+
+    return wrapper
+
+
+class _StepTimer(transformers.TrainerCallback):
+    """Wall time, CUDA peak and TRL's mean completion length of every optimizer step."""
+
+    def __init__(self, device: torch.device, generate_s: list[float], reward_s: list[float]):
+        self.device = device
+        self.trainer = None  # set after the trainer exists, to read its metrics
+        self.step_s: list[float] = []
+        self.peak_gib: list[float] = []
+        self.completion_len: list[float] = []
+        self.generate_s: list[float] = []
+        self.reward_s: list[float] = []
+        self._generate_sink, self._reward_sink = generate_s, reward_s
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        _sync(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._generate_sink.clear()
+        self._reward_sink.clear()
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        _sync(self.device)
+        self.step_s.append(time.perf_counter() - self._start)
+        if self.device.type == "cuda":
+            self.peak_gib.append(torch.cuda.max_memory_allocated(self.device) / GIB)
+        self.generate_s.append(sum(self._generate_sink))
+        self.reward_s.append(sum(self._reward_sink))
+        lengths = self.trainer._metrics["train"].get("completions/mean_length", [])
+        self.completion_len.append(float(lengths[-1]) if lengths else math.nan)
+
+
+def run_trl(
+    preset: Preset,
+    workload: Workload,
+    *,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    workdir: Path,
+    seed: int,
+) -> ImplResult:
+    """Time ``warmup + steps`` optimizer steps of TRL's ``GRPOTrainer`` on the same workload."""
+    import trl
+    from datasets import Dataset
+
+    from grpo_lab.rewards import make_trl_reward
+
+    kwargs = trl_config_kwargs(
+        preset,
+        output_dir=str(workdir / "run_trl"),
+        max_steps=warmup + steps,
+        seed=seed,
+        use_cpu=device.type == "cpu",
+    )
+    dataset = Dataset.from_list(
+        [{"prompt": p.question, "answer": p.answer} for p in workload.problems]
+    )
+    # The same loader grpo_lab uses (AutoTokenizer); TRL pads on the left itself.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(workload.model_path)
+    generate_s: list[float] = []
+    reward_s: list[float] = []
+    timer = _StepTimer(device, generate_s, reward_s)
+    free_memory(device)
+    rss_before = _rss_gib()
+    with RssSampler() as rss:
+        trainer = trl.GRPOTrainer(
+            model=workload.model_path,
+            reward_funcs=[make_trl_reward("answer")],
+            args=trl.GRPOConfig(**kwargs),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=[timer],
+        )
+        timer.trainer = trainer
+        # With the progress bar off, transformers prints every log dict to stdout; the JSON line
+        # must stay last, and printing is no part of a step.
+        trainer.remove_callback(transformers.PrinterCallback)
+        # Instance attributes shadow the methods: phase times without touching TRL's code.
+        trainer._generate_single_turn = _timed(trainer._generate_single_turn, generate_s, device)
+        trainer._calculate_rewards = _timed(trainer._calculate_rewards, reward_s, device)
+        trainer.train()
+    if len(timer.step_s) != warmup + steps:
+        raise RuntimeError(
+            f"TRL ran {len(timer.step_s)} optimizer steps, expected {warmup + steps}"
+        )
+    if device.type == "cuda":
+        mem = max(timer.peak_gib)
+    else:
+        mem = rss.peak_gib - rss_before
+    timed = slice(warmup, None)
+    phases = {"generate": timer.generate_s[timed], "reward": timer.reward_s[timed]}
+    phases["rest"] = [
+        s - g - r for s, g, r in zip(timer.step_s[timed], phases["generate"], phases["reward"])
+    ]
+    extra = {
+        "trl_version": trl.__version__,
+        "loss_type": TRL_LOSS_TYPE,
+        "loss_type_reason": TRL_LOSS_TYPE_REASON,
+        "config": {k: v for k, v in kwargs.items() if k != "output_dir"},
+    }
+    if device.type != "cuda":
+        extra["ru_maxrss_gib_after"] = _ru_maxrss_gib()
+    del trainer
+    timer.trainer = None
+    free_memory(device)
+    reset_accelerate_state()
+    return ImplResult(
+        impl="trl",
+        step_s=timer.step_s[timed],
+        warmup_step_s=timer.step_s[:warmup],
+        phases_s=phases,
+        completion_len=timer.completion_len[timed],
+        mem_gib=float(mem),
+        mem_metric=_memory_metric(device),
+        extra=extra,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+def compute_ratios(results: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Per impl: median step time and memory divided by TRL's (empty without a TRL result)."""
+    if "trl" not in results:
+        return {}
+    base = results["trl"]
+    base_t, base_m = base["step_s_summary"]["median"], base["mem_gib"]
+    ratios = {}
+    for impl, r in results.items():
+        t, m = r["step_s_summary"]["median"], r["mem_gib"]
+        ratios[impl] = {
+            "time": t / base_t if base_t > 0 else math.nan,
+            "memory": m / base_m if base_m > 0 else math.nan,
+        }
+    return ratios
+
+
+def json_safe(value):
+    """``value`` with NaN and infinities replaced by None, so the JSON line is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _fmt(x: float, spec: str = ".3f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def format_table(report: dict) -> str:
+    """The human-readable summary printed before the JSON line."""
+    results, ratios = report["results"], report["ratios"]
+    phase_names: list[str] = []
+    for r in results.values():
+        for name in r["phases_median_s"]:
+            if name not in phase_names:
+                phase_names.append(name)
+    header = (
+        f"{'impl':<11}{'step s':>9}{'min':>8}{'max':>8}{'xTRL':>7}{'mem GiB':>9}{'xTRL':>7}"
+        f"{'len':>7}  phase medians (s)"
+    )
+    lines = [
+        f"preset {report['preset']} on {report['device_name']} ({report['device']}), "
+        f"torch {report['versions']['torch']}, transformers {report['versions']['transformers']}, "
+        f"trl {report['versions']['trl'] or 'not used'}; {report['steps']} timed steps after "
+        f"{report['warmup']} warm-up",
+        header,
+        "-" * len(header),
+    ]
+    for impl, r in results.items():
+        s, ratio = r["step_s_summary"], ratios.get(impl, {})
+        phases = "  ".join(
+            f"{name} {_fmt(r['phases_median_s'][name])}"
+            for name in phase_names
+            if name in r["phases_median_s"]
+        )
+        lines.append(
+            f"{impl:<11}{_fmt(s['median']):>9}{_fmt(s['min']):>8}{_fmt(s['max']):>8}"
+            f"{_fmt(ratio.get('time', math.nan), '.2f'):>7}{_fmt(r['mem_gib']):>9}"
+            f"{_fmt(ratio.get('memory', math.nan), '.2f'):>7}"
+            f"{_fmt(r['completion_len_mean'], '.2f'):>7}  {phases}"
+        )
+    lines.append(f"memory: {report['memory_metric']}")
+    lines.append("len: mean completion tokens per sequence (EOS included)")
+    if "trl" in results:
+        lines.append(f"TRL loss_type={TRL_LOSS_TYPE}: {TRL_LOSS_TYPE_REASON}")
+        lines.append("TRL phases: generate = _generate_single_turn, reward = _calculate_rewards")
+    updates = [
+        f"{impl} {r['extra']['updates_per_step']}"
+        for impl, r in results.items()
+        if impl in GRPO_LAB_IMPLS
+    ]
+    if updates:
+        lines.append(f"optimizer updates per grpo_lab step: {', '.join(updates)} (TRL: 1)")
+    if report.get("reference"):
+        ref = report["reference"]
+        lines.append(
+            f"REFERENCE (not measured here, {ref['device']}): TRL 1.16 GRPOTrainer "
+            f"~{ref['trl_1.16_grpo_step_s']} s/step at ~{ref['trl_1.16_grpo_peak_gib']} GiB peak; "
+            f"plain transformers generate 64x256 tokens ~{ref['hf_generate_64x256_dynamic_cache_s']}"
+            " s (dynamic cache)"
+        )
+    if report["steps"] < 3:
+        lines.append(f"WARNING: median of {report['steps']} step(s); use --steps >= 3")
+    return "\n".join(lines)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+def _parse_impls(text: str) -> list[str]:
+    impls = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [i for i in impls if i not in IMPLS]
+    if unknown or not impls or len(set(impls)) != len(impls):
+        raise argparse.ArgumentTypeError(
+            f"--impls: expected distinct names from {', '.join(IMPLS)}, got {text!r}"
+        )
+    return impls
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Time optimizer steps of grpo_lab GRPO / PPO against TRL's GRPOTrainer.",
+    )
+    parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
+    parser.add_argument(
+        "--impls",
+        type=_parse_impls,
+        default=list(IMPLS),
+        help=f"comma-separated, run in this order (default {','.join(IMPLS)})",
+    )
+    parser.add_argument("--out", type=Path, help="also write the JSON report to this file")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--allow-cpu", action="store_true", help="run a GPU preset on the CPU anyway (very slow)"
+    )
+    parser.add_argument("--workdir", type=Path, help="folder for models and runs (default: temp)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        raise SystemExit("--steps must be >= 1 and --warmup >= 0")
+    preset = PRESETS[args.preset]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if preset.needs_gpu and device.type != "cuda" and not args.allow_cpu:
+        print(
+            f"error: preset {preset.name!r} is a GPU workload and no CUDA device is available; "
+            "a CPU run would take hours. Pass --allow-cpu to run it anyway.",
+            file=sys.stderr,
+        )
+        return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    trl_version = None
+    if "trl" in args.impls:
+        import trl  # fail now, not after the grpo_lab runs
+
+        trl_version = trl.__version__
+
+    load_start = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="step_bench_") as tmp:
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        total = args.warmup + args.steps
+        workload = prepare_workload(preset, workdir, total_steps=total, seed=args.seed)
+        results = {}
+        for impl in args.impls:
+            print(
+                f"[step_bench] {impl}: {args.warmup} warm-up + {args.steps} timed steps",
+                file=sys.stderr,
+                flush=True,
+            )
+            common = {
+                "steps": args.steps,
+                "warmup": args.warmup,
+                "device": device,
+                "workdir": workdir,
+                "seed": args.seed,
+            }
+            if impl == "trl":
+                result = run_trl(preset, workload, **common)
+            else:
+                result = run_grpo_lab(impl, preset, workload, **common)
+            results[impl] = result.to_dict()
+
+    report = {
+        "preset": preset.name,
+        "device": str(device),
+        "device_name": _device_name(device),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "trl": trl_version,
+        },
+        "torch_threads": torch.get_num_threads(),
+        "load_avg_start": list(load_start),
+        "load_avg_end": list(os.getloadavg()),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "seed": args.seed,
+        "impls": list(args.impls),
+        "workload": {k: v for k, v in asdict(preset).items() if k != "recipes"},
+        "memory_metric": _memory_metric(device),
+        "trl_loss_type": TRL_LOSS_TYPE if "trl" in args.impls else None,
+        "trl_loss_type_reason": TRL_LOSS_TYPE_REASON if "trl" in args.impls else None,
+        "results": results,
+        "ratios": compute_ratios(results),
+        "reference": REFERENCE_W if preset.name == "w0.5b" else None,
+        "command": "python benchmarks/step_bench.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+    }
+    print(format_table(report), flush=True)
+    report = json_safe(report)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    line = json.dumps(report, allow_nan=False)
+    print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
