@@ -10,7 +10,19 @@ Public API::
     is_equiv(pred, gold, *, timeout_s=2.0, max_chars=2000, pool=None) -> bool
     trl_math_reward / trl_reward_func           # TRL GRPOTrainer reward, gold column "answer"
     make_trl_reward(answer_column="answer", *, timeout_s=2.0, name="math_reward")
-    VerifierPool, PoolStats, get_default_pool(), set_default_pool(pool)
+    VerifierPool(num_workers=None, *, memory_limit_bytes=2 GiB, start_timeout_s=60.0)
+        .verify_many(pairs, *, timeout_s=2.0) -> list[str]; .stats() -> PoolStats; .close()
+    get_default_pool() -> VerifierPool; set_default_pool(pool | None)
+    STATUSES = ("correct", "wrong", "no_answer", "hedged", "timeout", "parse_error")
+
+Example::
+
+    from grpo_lab.rewards import math_reward, score_batch
+    math_reward("... so she has 72 left.\\n#### 72", "72")                   # 1.0
+    score_batch(["The answer is $\\boxed{2\\sqrt{2}}$."], ["\\sqrt{8}"])[0]
+    # ScoreResult(score=1.0, status='correct', extracted='2\\sqrt{2}')
+
+Timeouts and worker crashes are counted per pool: ``get_default_pool().stats()``.
 
 Module map: ``extract`` (final answer, thinking, hedging), ``normalize`` (plain numbers, compact
 LaTeX; no evaluation), ``equivalence`` (decisions, fast path, pre-screen), ``sandbox`` (killable

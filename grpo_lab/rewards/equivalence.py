@@ -68,10 +68,13 @@ RELATIVE_TOLERANCE = Fraction(1, 10**6)
 MAX_RESULT_DIGITS = 10_000
 MAX_FACTORIAL = 1000
 
-# A chain of integer powers: `9^{9^{9}}`, `10^10`, `2^{(3)}`; braces and parentheses may open
-# before each exponent and close anywhere after the chain.
-_POWER_CHAIN = re.compile(r"\d+(?:\s*\^\s*[{(\s]*\d+)+")
-_FACTORIAL = re.compile(r"(\d+)\s*[})]?\s*!")
+# A chain of integer powers: `9^{9^{9}}`, `10^10`, `2^{(3)}`, `10^{-10^{10}}`; braces,
+# parentheses and a minus sign may open before each exponent (1/10^(10^10) is as costly as
+# 10^(10^10)), and braces close anywhere after the chain.
+# NOTE: `(?<!\d)` starts a match only at the first digit of a number; without it a long digit run
+# costs quadratic time.
+_POWER_CHAIN = re.compile(r"(?<!\d)\d+(?:\s*\^\s*[{(\s-]*\d+)+")
+_FACTORIAL = re.compile(r"(?<!\d)(\d+)\s*[})]?\s*!")
 
 
 def _tower_digits(numbers: list[int]) -> float:

@@ -59,15 +59,16 @@ __all__ = [
     "strip_thinking",
 ]
 
-_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 _THINK_OPEN = re.compile(r"<think>", re.IGNORECASE)
 _THINK_CLOSE = re.compile(r"</think>", re.IGNORECASE)
 
 _GSM8K = re.compile(r"####[ \t]*([^\n]*)")
-_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+# NOTE: possessive quantifiers (`\s*+`) never give back whitespace; with plain `\s*` a marker
+# followed by a long run of spaces costs quadratic time.
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*+\{")
 _BRACE_TOKEN = re.compile(r"\\.|[{}]", re.DOTALL)  # an escaped character, or a brace
-_FINAL_PHRASE = re.compile(r"\b(?:final\s+answer|the\s+answer)\s+is\b\s*:?", re.IGNORECASE)
-_ANSWER_COLON = re.compile(r"\banswer\s*(?:\*\*|__)?\s*:", re.IGNORECASE)
+_FINAL_PHRASE = re.compile(r"\b(?:final\s++answer|the\s++answer)\s++is\b\s*+:?", re.IGNORECASE)
+_ANSWER_COLON = re.compile(r"\banswer\s*+(?:\*\*|__)?\s*+:", re.IGNORECASE)
 
 _OR_WORD = re.compile(r"(?<![A-Za-z\\])or(?![A-Za-z])")
 _PHRASE_WINDOW = 10_000
@@ -189,6 +190,12 @@ def _agreement_key(answer: str) -> object:
     return number if number is not None else compact_latex(answer)
 
 
+def _all_agree(candidates: list[str]) -> bool:
+    distinct = iter(set(candidates))  # a completion may repeat one answer thousands of times
+    first = _agreement_key(next(distinct))
+    return all(_agreement_key(c) == first for c in distinct)
+
+
 def is_disjunction(answer: str) -> bool:
     """Whether ``answer`` offers alternatives joined by "or" (e.g. ``3 or 4``)."""
     first = len(answer) - len(answer.lstrip())
@@ -209,8 +216,7 @@ def extract_final(text: str) -> Extraction:
         candidates = rule(body)
         if candidates:
             answer = candidates[-1]
-            disagree = len(candidates) > 1 and len({_agreement_key(c) for c in candidates}) > 1
-            hedged = disagree or is_disjunction(answer)
+            hedged = not _all_agree(candidates) or is_disjunction(answer)
             return Extraction(answer, name, tuple(candidates), hedged)
     bare = body.strip().rstrip(".").strip()
     if parse_number(bare, allow_units=False) is not None:

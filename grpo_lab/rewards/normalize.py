@@ -59,12 +59,13 @@ _TEXT_UNIT = re.compile(
 )
 _WORD_UNITS = re.compile(r"(?<=[\d}%])\s+(?P<words>[A-Za-z]{2,}(?:\s+[A-Za-z]{2,}){0,2})$")
 
-# Words that change the value or the meaning of the number before them.
+# Words that change the value or the meaning of the number before them; `i`, `j` and `e` because
+# `3\mathrm{i}` is a complex number, not 3 of a unit.
 _NOT_UNITS = frozenset(
     "pi or and to times plus minus over divided by squared cubed sqrt root roots hundred hundreds "
     "thousand thousands million millions billion billions trillion trillions dozen dozens half "
     "halves third thirds quarter quarters tenths hundredths thousandths infinity inf more less "
-    "than not no".split()
+    "than not no i e j".split()
 )
 
 

@@ -67,6 +67,10 @@ def score_batch(
 
     Returns:
         One :class:`ScoreResult` per completion, in order.
+
+    Raises:
+        ValueError: the two sequences differ in length, or a gold is not a non-empty string.
+        TypeError: a single string was passed instead of a sequence.
     """
     if isinstance(completions, str) or isinstance(golds, str):
         raise TypeError("completions and golds must be sequences of strings, not a single string")
@@ -75,6 +79,9 @@ def score_batch(
             f"completions and golds must have the same length, got {len(completions)} "
             f"completions and {len(golds)} golds"
         )
+    for i, gold in enumerate(golds):
+        if not isinstance(gold, str) or not gold.strip():
+            raise ValueError(f"golds[{i}] must be a non-empty string, got {gold!r}")
     results: list[ScoreResult | None] = [None] * len(completions)
     to_compare: list[tuple[str, str]] = []
     compare_index: list[int] = []

@@ -91,6 +91,7 @@ def test_identical_pairs_in_a_batch_are_verified_once(pool):
         pytest.param("10^{10^{10}}", True, id="three-level-tower"),
         pytest.param("0^{10^{10^{10}}}", True, id="cheap-base-costly-exponent"),
         pytest.param("2^{100000}", True, id="30103-digit-power"),
+        pytest.param("10^{-10^{10}}", True, id="tiny-power-is-as-costly"),
         pytest.param("1000000!", True, id="huge-factorial"),
         pytest.param("(1001)!", True, id="factorial-just-over"),
         pytest.param("__import__('os')", True, id="dunder"),

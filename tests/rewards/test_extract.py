@@ -135,4 +135,9 @@ def test_one_megabyte_completion_is_fast():
     start = time.perf_counter()
     assert extract_final(text).answer is None
     assert extract_final("\\boxed{" * 200_000).answer is None
+    assert extract_final("<think>" * 100_000).answer is None
+    assert extract_final("Answer" + " " * 1_000_000 + "x").answer is None
+    assert extract_final("final" + " " * 500_000 + "answer" + " " * 500_000).answer is None
+    repeated = extract_final("#### 1\n" * 150_000)
+    assert (repeated.answer, repeated.hedged) == ("1", False)
     assert time.perf_counter() - start < 2.0

@@ -62,6 +62,7 @@ def test_plain_numbers(text, value):
         pytest.param("1, 234", id="spaced-comma-is-a-list"),
         pytest.param("1 2", id="two-numbers"),
         pytest.param("3i", id="imaginary-letter"),
+        pytest.param("3\\mathrm{i}", id="imaginary-unit-in-mathrm"),
         pytest.param("4 x", id="single-letter-kept"),
         pytest.param("2 pi", id="pi-changes-value"),
         pytest.param("3 million", id="scale-word"),

@@ -104,6 +104,12 @@ def test_length_mismatch_is_a_clear_error():
         score_batch(["#### 1", "#### 2"], ["1"])
 
 
+@pytest.mark.parametrize("gold", ["", "  ", None, 3])
+def test_bad_gold_is_a_clear_error(gold):
+    with pytest.raises(ValueError, match=r"golds\[1\] must be a non-empty string"):
+        score_batch(["#### 1", "#### 2"], ["1", gold])
+
+
 def test_a_single_string_is_refused():
     with pytest.raises(TypeError, match="sequences of strings"):
         score_batch("#### 1", "1")
