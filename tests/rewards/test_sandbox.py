@@ -1,7 +1,10 @@
 """The worker pool: hard time bound, crash recovery, memory bound, threads, clean shutdown; and
 adversarial completions through score_batch (bounded, score 0, nothing executed)."""
 
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -88,6 +91,29 @@ def test_close_reaps_every_worker():
     assert not any(_alive(p) for p in pids)
     with pytest.raises(RuntimeError, match="closed"):
         small.verify_many([("1", "1")])
+
+
+def test_workers_do_not_outlive_the_process():
+    # The script never closes its pool; atexit, stdin EOF and PDEATHSIG each end the worker.
+    script = (
+        "import json\n"
+        "from grpo_lab.rewards import get_default_pool, math_reward\n"
+        "assert math_reward('\\\\boxed{\\\\sqrt{8}}', '2\\\\sqrt{2}') == 1.0\n"
+        "print(json.dumps(get_default_pool().worker_pids()))\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    pids = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(pids) >= 1
+    assert not any(_alive(p) for p in pids)
 
 
 def test_pool_is_usable_from_several_threads(pool):
