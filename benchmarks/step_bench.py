@@ -1,6 +1,7 @@
 """Time optimizer steps of grpo_lab (GRPO, PPO value head, PPO critic) against TRL's GRPOTrainer.
 
-    python benchmarks/step_bench.py --preset tiny                      # CPU, about two minutes
+    python benchmarks/step_bench.py --preset tiny                      # CPU, about a minute
+    python benchmarks/step_bench.py --preset tiny --threads 1 --rounds 3 --steps 10   # shared CPU
     python benchmarks/step_bench.py --preset w0.5b --out w.json        # one GPU, workload W
     python benchmarks/step_bench.py --preset w0.5b --impls grpo,ppo_head,ppo_critic   # no TRL
 
@@ -64,6 +65,10 @@ Measurement conventions:
   returning free heap to the OS). Short spikes can be missed. TRL runs first by default, so its
   ``ru_maxrss`` is its own process peak.
 - Implementations run one after another in ``--impls`` order, each freed before the next.
+  ``--rounds R`` repeats the whole sequence R times, reversing the order every other round, with
+  a fresh trainer each time; timed steps are pooled, and each round's ratio to TRL is reported
+  too. On a CPU shared with other jobs this, and ``--threads 1`` (two OpenMP threads competing
+  with other processes for two cores stall each other), is what makes the ratios repeatable.
 
 Reference figures for W on one H200 (measured elsewhere, printed for context only): TRL 1.16
 GRPOTrainer about 6.4 s per step at about 9 GiB peak; plain transformers ``generate`` of 64 x 256
@@ -607,6 +612,35 @@ def _memory_metric(device: torch.device) -> str:
     return "sampled RSS peak minus RSS before build (GiB, process-wide, weak)"
 
 
+def round_orders(impls: Sequence[str], rounds: int) -> list[list[str]]:
+    """The run order of every round: as given, then reversed, alternately, so that a machine
+    getting slower or faster during the run does not favour whichever implementation runs first."""
+    return [list(impls) if r % 2 == 0 else list(reversed(impls)) for r in range(rounds)]
+
+
+def merge_rounds(rounds: Sequence[ImplResult]) -> ImplResult:
+    """One result from several rounds of the same implementation: timed steps pooled, memory the
+    highest round's, and each round's median step time and memory kept in ``extra``."""
+    first = rounds[0]
+    phases: dict[str, list[float]] = {}
+    for r in rounds:
+        for name, values in r.phases_s.items():
+            phases.setdefault(name, []).extend(values)
+    extra = dict(first.extra)
+    extra["round_median_step_s"] = [summarise(r.step_s)["median"] for r in rounds]
+    extra["round_mem_gib"] = [r.mem_gib for r in rounds]
+    return ImplResult(
+        impl=first.impl,
+        step_s=[t for r in rounds for t in r.step_s],
+        warmup_step_s=[t for r in rounds for t in r.warmup_step_s],
+        phases_s=phases,
+        completion_len=[x for r in rounds for x in r.completion_len],
+        mem_gib=max(r.mem_gib for r in rounds),
+        mem_metric=first.mem_metric,
+        extra=extra,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # grpo_lab
 # ---------------------------------------------------------------------------------------------
@@ -850,6 +884,9 @@ def compute_ratios(results: dict[str, dict]) -> dict[str, dict[str, float]]:
             "time": t / base_t if base_t > 0 else math.nan,
             "memory": m / base_m if base_m > 0 else math.nan,
         }
+        mine, theirs = (x.get("extra", {}).get("round_median_step_s") for x in (r, base))
+        if mine and theirs and len(mine) == len(theirs) > 1:
+            ratios[impl]["time_by_round"] = [a / b for a, b in zip(mine, theirs)]
     return ratios
 
 
@@ -883,8 +920,9 @@ def format_table(report: dict) -> str:
     lines = [
         f"preset {report['preset']} on {report['device_name']} ({report['device']}), "
         f"torch {report['versions']['torch']}, transformers {report['versions']['transformers']}, "
-        f"trl {report['versions']['trl'] or 'not used'}; {report['steps']} timed steps after "
-        f"{report['warmup']} warm-up",
+        f"trl {report['versions']['trl'] or 'not used'}; {report['torch_threads']} torch threads; "
+        f"{report['rounds']} round(s) of {report['warmup']} warm-up + {report['steps']} timed "
+        "steps per implementation",
         header,
         "-" * len(header),
     ]
@@ -900,6 +938,12 @@ def format_table(report: dict) -> str:
             f"{_fmt(ratio.get('time', math.nan), '.2f'):>7}{_fmt(r['mem_gib']):>9}"
             f"{_fmt(ratio.get('memory', math.nan), '.2f'):>7}"
             f"{_fmt(r['completion_len_mean'], '.2f'):>7}  {phases}"
+        )
+    by_round = {k: v["time_by_round"] for k, v in ratios.items() if "time_by_round" in v}
+    if by_round:
+        lines.append(
+            "time vs TRL per round: "
+            + "; ".join(f"{k} " + " ".join(_fmt(x, ".2f") for x in v) for k, v in by_round.items())
         )
     lines.append(f"memory: {report['memory_metric']}")
     lines.append("len: mean completion tokens per sequence (EOS included)")
@@ -921,15 +965,24 @@ def format_table(report: dict) -> str:
             f"plain transformers generate 64x256 tokens ~{ref['hf_generate_64x256_dynamic_cache_s']}"
             " s (dynamic cache)"
         )
-    if report["steps"] < 3:
-        lines.append(f"WARNING: median of {report['steps']} step(s); use --steps >= 3")
+    timed = report["steps"] * report["rounds"]
+    if timed < 3:
+        lines.append(f"WARNING: median of {timed} step(s); time at least 3")
     return "\n".join(lines)
 
 
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {os.cpu_count()} cores"
 
 
 def _parse_impls(text: str) -> list[str]:
@@ -955,6 +1008,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(IMPLS),
         help=f"comma-separated, run in this order (default {','.join(IMPLS)})",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat every implementation this many times, alternating the order (noisy CPUs)",
+    )
     parser.add_argument("--out", type=Path, help="also write the JSON report to this file")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
@@ -967,8 +1026,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        raise SystemExit("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+        raise SystemExit("--steps and --rounds must be >= 1, --warmup >= 0")
     preset = PRESETS[args.preset]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if preset.needs_gpu and device.type != "cuda" and not args.allow_cpu:
@@ -992,25 +1051,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir.mkdir(parents=True, exist_ok=True)
         total = args.warmup + args.steps
         workload = prepare_workload(preset, workdir, total_steps=total, seed=args.seed)
-        results = {}
-        for impl in args.impls:
-            print(
-                f"[step_bench] {impl}: {args.warmup} warm-up + {args.steps} timed steps",
-                file=sys.stderr,
-                flush=True,
-            )
-            common = {
-                "steps": args.steps,
-                "warmup": args.warmup,
-                "device": device,
-                "workdir": workdir,
-                "seed": args.seed,
-            }
-            if impl == "trl":
-                result = run_trl(preset, workload, **common)
-            else:
-                result = run_grpo_lab(impl, preset, workload, **common)
-            results[impl] = result.to_dict()
+        per_round: dict[str, list[ImplResult]] = {impl: [] for impl in args.impls}
+        common = {
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "device": device,
+            "workdir": workdir,
+            "seed": args.seed,
+        }
+        for r, order in enumerate(round_orders(args.impls, args.rounds)):
+            for impl in order:
+                print(
+                    f"[step_bench] round {r + 1}/{args.rounds} {impl}: "
+                    f"{args.warmup} warm-up + {args.steps} timed steps",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                if impl == "trl":
+                    per_round[impl].append(run_trl(preset, workload, **common))
+                else:
+                    per_round[impl].append(run_grpo_lab(impl, preset, workload, **common))
+        results = {impl: merge_rounds(rs).to_dict() for impl, rs in per_round.items()}
 
     report = {
         "preset": preset.name,
@@ -1027,6 +1088,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "load_avg_end": list(os.getloadavg()),
         "steps": args.steps,
         "warmup": args.warmup,
+        "rounds": args.rounds,
         "seed": args.seed,
         "impls": list(args.impls),
         "workload": {k: v for k, v in asdict(preset).items() if k != "recipes"},

@@ -164,6 +164,52 @@ def test_compute_ratios_divides_medians_and_memory_by_trl():
     assert sb.compute_ratios({"grpo": results["grpo"]}) == {}
 
 
+def test_round_orders_alternate_forward_and_reversed():
+    assert sb.round_orders(["trl", "grpo", "ppo_head"], 3) == [
+        ["trl", "grpo", "ppo_head"],
+        ["ppo_head", "grpo", "trl"],
+        ["trl", "grpo", "ppo_head"],
+    ]
+
+
+def _result(impl, steps, mem):
+    return sb.ImplResult(
+        impl=impl,
+        step_s=steps,
+        warmup_step_s=[9.0],
+        phases_s={"rollout": [s / 2 for s in steps]},
+        completion_len=[3.0] * len(steps),
+        mem_gib=mem,
+        mem_metric="m",
+        extra={"recipe": "r"},
+    )
+
+
+def test_merge_rounds_pools_steps_and_keeps_per_round_medians_and_the_highest_memory():
+    merged = sb.merge_rounds([_result("grpo", [1.0, 3.0, 2.0], 1.5), _result("grpo", [4.0], 1.0)])
+    assert merged.step_s == [1.0, 3.0, 2.0, 4.0]
+    assert merged.warmup_step_s == [9.0, 9.0]
+    assert merged.phases_s == {"rollout": [0.5, 1.5, 1.0, 2.0]}
+    assert merged.mem_gib == 1.5
+    assert merged.extra == {
+        "recipe": "r",
+        "round_median_step_s": [2.0, 4.0],
+        "round_mem_gib": [1.5, 1.0],
+    }
+    # Pooled median of [1, 2, 3, 4] is 2.5.
+    assert merged.to_dict()["step_s_summary"] == {"median": 2.5, "min": 1.0, "max": 4.0}
+
+
+def test_ratios_by_round_divide_each_round_median_by_trls():
+    trl = sb.merge_rounds([_result("trl", [2.0], 2.0), _result("trl", [4.0], 2.0)]).to_dict()
+    grpo = sb.merge_rounds([_result("grpo", [1.0], 1.0), _result("grpo", [3.0], 1.0)]).to_dict()
+    ratios = sb.compute_ratios({"trl": trl, "grpo": grpo})
+    # Rounds: 1/2 and 3/4; pooled medians 2 / 3.
+    assert ratios["grpo"]["time_by_round"] == [0.5, 0.75]
+    assert ratios["grpo"]["time"] == 2.0 / 3.0
+    assert ratios["grpo"]["memory"] == 0.5
+
+
 def test_json_safe_turns_non_finite_floats_into_null():
     out = sb.json_safe({"a": [1.0, math.nan], "b": (math.inf,), "c": "x"})
     assert out == {"a": [1.0, None], "b": [None], "c": "x"}
