@@ -279,6 +279,9 @@ class TrainerConfig:
     """Evaluate every this many training steps; 0 = only at the start and the end."""
     progress_bar: bool = True
     """Show a progress bar on the main process."""
+    cpu_threads: int | None = None
+    """Threads torch may use on CPU; null = torch's default. Tiny models run fastest on 1, and
+    several threads on a busy machine can be many times slower than one."""
 
 
 @dataclass
@@ -407,6 +410,7 @@ _BOUNDS: tuple[tuple[str, str, float], ...] = (
     ("trainer.epochs", ">=", 1),
     ("trainer.num_minibatches", ">=", 1),
     ("trainer.micro_batch_size", ">=", 1),
+    ("trainer.cpu_threads", ">=", 1),
     ("trainer.max_grad_norm", ">", 0),
     ("trainer.max_skipped_steps", ">=", 0),
     ("trainer.log_every", ">=", 1),

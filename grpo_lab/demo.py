@@ -11,6 +11,8 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+
 from grpo_lab.config import load_config
 from grpo_lab.data import load_problems
 from grpo_lab.evaluation import evaluate
@@ -61,6 +63,8 @@ def run_demo(
         if steps is not None:
             overrides.append(f"trainer.max_steps={steps}")
         cfg = load_config(recipes_dir() / recipe, overrides)
+        if cfg.trainer.cpu_threads is not None:
+            torch.set_num_threads(cfg.trainer.cpu_threads)
         d = cfg.data
         problems = load_problems(
             d.name,

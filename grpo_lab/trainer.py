@@ -112,6 +112,8 @@ class Trainer:
         self.world = self.acc.num_processes
         self.rank = self.acc.process_index
         cfg.validate(num_processes=self.world)
+        if cfg.trainer.cpu_threads is not None:
+            torch.set_num_threads(cfg.trainer.cpu_threads)
         set_seed(cfg.seed, device_specific=True)
         self.out_dir = Path(cfg.output_dir)
         if self.acc.is_main_process:
