@@ -1,7 +1,8 @@
 """Rollout engine: prompts -> G sampled completions per prompt, with masks and sampling log-probs.
 
 Shape legend: B prompts, G samples per prompt (``group_size``), N = B*G sequences, P prompt
-tokens (left-padded), C completion tokens (right-padded), V vocabulary size.
+tokens (left-padded), C completion tokens (right-padded), V vocabulary size; lower-case b, n for
+one chunk of whole groups.
 
 Layout is prompt-major: rows ``[g*G:(g+1)*G]`` of every tensor are the G samples of prompt g.
 A completion's mask covers its tokens up to and including the first EOS; everything after is
@@ -10,19 +11,30 @@ the pad id with mask 0. ``sampling_logp`` is the log-prob of each sampled token 
 so it equals what :func:`grpo_lab.models.completion_forward` computes for the same batch (greedy
 decoding uses temperature 1; ``ignore_eos`` is the one exception, see :func:`generate`).
 
+Sampling order, shared by every backend (transformers' warper order): logits in float32 ->
+EOS banned (``ignore_eos`` only) -> ``sampling_logp`` recorded -> divide by the temperature ->
+top-k -> top-p -> softmax -> one ``torch.multinomial`` draw per sequence per step, also for
+sequences that already finished (their token is replaced by the pad id).
+
 Reproducibility: with ``generator=None`` sampling draws from torch's global RNG, so
 ``torch.manual_seed(s)`` before :func:`generate` reproduces the same tokens. With a
 ``generator``, one seed is drawn from it and sampling runs under that seed in a forked RNG state,
 leaving the global RNG untouched. Either way the same seed gives the same tokens only for the same
-prompts, ``batch_size``, device and library versions (chunks consume the RNG in order).
+prompts, ``batch_size``, device and library versions (chunks consume the RNG in order). Both
+backends consume the RNG identically, so on bitwise-equal logits they sample the same tokens.
 
-The engine sits behind the narrow :class:`RolloutBackend` protocol; :class:`HFGenerateBackend`
-uses transformers ``generate``. A faster backend (shared-prefix KV cache, static cache with CUDA
-graphs, vLLM) only has to return the same :class:`RolloutBatch`.
+Backends sit behind the narrow :class:`RolloutBackend` protocol and are named in
+:data:`ROLLOUT_BACKENDS`:
+
+- ``"hf"``, :class:`HFGenerateBackend`: transformers ``generate`` (dynamic KV cache).
+- ``"shared_prefix"``, :class:`SharedPrefixBackend`: each distinct prompt is prefilled once and
+  its KV cache shared by its G samples; a lean decode loop without ``generate``'s per-token
+  machinery.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -31,7 +43,9 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from grpo_lab.models import position_ids_from_mask
 
 Prompts = Sequence[str] | Sequence[Sequence[int]]
 
@@ -167,8 +181,29 @@ class _SampledLogProbRecorder(LogitsProcessor):
         return torch.stack(logp, dim=1)
 
 
-class HFGenerateBackend:
-    """Rollouts with transformers ``generate`` (dynamic KV cache, one chunk at a time)."""
+@dataclass(frozen=True)
+class Decoding:
+    """The resolved settings of one rollout, shared by all of its chunks."""
+
+    group_size: int
+    max_new_tokens: int
+    temperature: float  # 0 = greedy
+    top_p: float  # 1.0 = off
+    top_k: int | None  # None = off
+    eos_ids: tuple[int, ...]  # empty only with ignore_eos
+    pad_id: int
+    ignore_eos: bool
+
+    @property
+    def logp_temperature(self) -> float:
+        """The temperature of ``sampling_logp``: 1 for greedy decoding."""
+        return self.temperature if self.temperature > 0 else 1.0
+
+
+class _ChunkedBackend:
+    """The part every backend shares: argument checks, prompt tokenisation, EOS / pad
+    resolution, chunking by whole groups, no grad, the ZeRO-3 gather, seeding and restoring
+    train/eval mode. A subclass only turns one chunk of prompts into a :class:`RolloutBatch`."""
 
     def generate(
         self,
@@ -192,9 +227,15 @@ class HFGenerateBackend:
         eos_ids = _resolve_eos_ids(lm, tokenizer, eos_token_id)
         if not eos_ids and not ignore_eos:
             raise ValueError("eos_token_id: none given and none found on the tokenizer or model")
-        pad_id = _resolve_pad_id(tokenizer, eos_ids)
-        config = _generation_config(
-            max_new_tokens, temperature, top_p, top_k, eos_ids, pad_id, ignore_eos
+        decoding = Decoding(
+            group_size=group_size,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            eos_ids=tuple(eos_ids),
+            pad_id=_resolve_pad_id(tokenizer, eos_ids),
+            ignore_eos=ignore_eos,
         )
         device = next(lm.parameters()).device
 
@@ -208,17 +249,132 @@ class HFGenerateBackend:
             with torch.no_grad(), gather_params_for_generation(lm), _seeded(generator, device):
                 for start in range(0, len(prompt_tokens), prompts_per_chunk):
                     chunk = prompt_tokens[start : start + prompts_per_chunk]
-                    chunks.append(
-                        _generate_chunk(
-                            lm, chunk, group_size, config, temperature, eos_ids, pad_id, ignore_eos
-                        )
-                    )
+                    chunks.append(self.generate_chunk(lm, chunk, decoding))
         finally:
             lm.train(was_training)
-        return _concat_chunks(chunks, pad_id, group_size)
+        return _concat_chunks(chunks, decoding.pad_id, group_size)
+
+    def generate_chunk(
+        self, lm: nn.Module, prompt_tokens: list[list[int]], decoding: Decoding
+    ) -> RolloutBatch:
+        """One chunk of b prompts -> b*G rows; called under no grad with ``lm`` in eval mode."""
+        raise NotImplementedError
 
 
-DEFAULT_BACKEND: RolloutBackend = HFGenerateBackend()
+class HFGenerateBackend(_ChunkedBackend):
+    """Rollouts with transformers ``generate`` (dynamic KV cache, one chunk at a time).
+
+    Each prompt is repeated G times before ``generate``, so its prefill runs G times.
+    """
+
+    def generate_chunk(
+        self, lm: nn.Module, prompt_tokens: list[list[int]], decoding: Decoding
+    ) -> RolloutBatch:
+        d = decoding
+        device = next(lm.parameters()).device
+        ids, mask = left_pad(prompt_tokens, d.pad_id)  # [b, P]
+        ids = ids.repeat_interleave(d.group_size, dim=0).to(device)  # [n, P], prompt-major
+        mask = mask.repeat_interleave(d.group_size, dim=0).to(device)
+        recorder = _SampledLogProbRecorder(d.logp_temperature)
+        out = lm.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            generation_config=_generation_config(d),
+            logits_processor=LogitsProcessorList([recorder]),
+        )
+        completion = out.sequences[:, ids.shape[1] :]  # [n, C]
+        return _finish_chunk(ids, mask, completion, recorder.finish(completion), d)
+
+
+class SharedPrefixBackend(_ChunkedBackend):
+    """Prefill each distinct prompt once, share its KV cache with its G samples, decode in a
+    plain loop.
+
+    Per chunk of b prompts: one forward over the b left-padded prompts (positions from the mask,
+    as in :func:`grpo_lab.models.completion_forward`, logits of the last position only) fills a
+    transformers ``DynamicCache``; ``batch_repeat_interleave(G)`` then copies each prompt's keys
+    and values to its G rows, so the prompt's prefill costs 1/G of the ``"hf"`` backend's. Each
+    decode step is one forward of the n = b*G last tokens with the attention mask grown by one
+    column and ``position_ids`` = (real tokens so far) - 1, i.e. ``cumsum - 1`` of the mask at
+    the last position. Tokens, log-probs, masks and truncation flags follow the ``"hf"``
+    backend's conventions exactly (see the module docstring): after its first EOS a row is fed
+    the pad id (attention mask 1, as ``generate`` does) and the loop stops once every row has
+    emitted an EOS. Model-specific ``generation_config`` fields are never read.
+
+    Models are called as ``lm(input_ids=, attention_mask=, position_ids=, cache=,
+    use_cache=True[, logits_to_keep=1])``: transformers 5 names the KV-cache argument ``cache``
+    (``past_key_values`` is its deprecated alias). A model that ignores the cache must then
+    depend on the last token only (the test mocks do).
+
+    NOTE: a static KV cache with a ``torch.compile(mode="reduce-overhead")`` (CUDA graph) decode
+    step is not implemented: it could not be checked on a GPU here. The seam for it is
+    :meth:`decode_step`, which owns the cache after the prefill: a subclass can copy the
+    prefilled, repeated keys/values into preallocated buffers and replay a captured step.
+    """
+
+    def generate_chunk(
+        self, lm: nn.Module, prompt_tokens: list[list[int]], decoding: Decoding
+    ) -> RolloutBatch:
+        d, g = decoding, decoding.group_size
+        device = next(lm.parameters()).device
+        prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompt_tokens, d.pad_id))
+        p, n = prompt_ids.shape[1], prompt_ids.shape[0] * g
+        cache = DynamicCache(config=getattr(lm, "config", None))
+        logits = _last_logits(  # [b, V]
+            lm, prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask), cache
+        )
+        cache.batch_repeat_interleave(g)
+        logits = logits.repeat_interleave(g, dim=0)  # [n, V]
+        # Every step's mask is a prefix of this one: rows keep attending after their EOS, as
+        # generate does; those positions are masked out of the returned completion.
+        full_mask = torch.cat(  # [n, P + max_new_tokens]
+            [prompt_mask.repeat_interleave(g, dim=0), prompt_mask.new_ones(n, d.max_new_tokens)],
+            dim=1,
+        )
+        eos = torch.tensor(d.eos_ids, dtype=torch.long, device=device)  # [E]
+        stop_on_eos = eos.numel() > 0 and not d.ignore_eos
+        unfinished = torch.ones(n, dtype=torch.bool, device=device)  # [n]
+        tokens, logps = [], []  # each [n]
+        for step in range(d.max_new_tokens):
+            if step > 0:
+                logits = self.decode_step(lm, tokens[-1], full_mask[:, : p + step], cache)
+            token, logp = choose_tokens(logits, d)
+            tokens.append(torch.where(unfinished, token, d.pad_id))
+            logps.append(logp)
+            if stop_on_eos:
+                unfinished &= ~torch.isin(tokens[-1], eos)
+                if not unfinished.any():  # one host sync per step, as in generate
+                    break
+        completion = torch.stack(tokens, dim=1)  # [n, C]
+        prompt_ids = prompt_ids.repeat_interleave(g, dim=0)  # [n, P]
+        prompt_mask = prompt_mask.repeat_interleave(g, dim=0)
+        return _finish_chunk(prompt_ids, prompt_mask, completion, torch.stack(logps, dim=1), d)
+
+    def decode_step(
+        self,
+        lm: nn.Module,
+        last_tokens: Tensor,  # [n] long
+        attention_mask: Tensor,  # [n, L] long, L = tokens in the cache + 1
+        cache: DynamicCache,
+    ) -> Tensor:  # [n, V] float32 logits for the next token
+        """One cached forward of the last sampled tokens."""
+        positions = attention_mask.sum(dim=1, keepdim=True) - 1  # [n, 1] == (cumsum - 1)[:, -1:]
+        return _last_logits(lm, last_tokens[:, None], attention_mask, positions, cache)
+
+
+ROLLOUT_BACKENDS: dict[str, RolloutBackend] = {
+    "hf": HFGenerateBackend(),
+    "shared_prefix": SharedPrefixBackend(),
+}
+
+
+def resolve_backend(backend: str | RolloutBackend) -> RolloutBackend:
+    """A backend object, or the one named in :data:`ROLLOUT_BACKENDS` (unknown names raise)."""
+    if not isinstance(backend, str):
+        return backend
+    if backend not in ROLLOUT_BACKENDS:
+        raise ValueError(f"backend: {backend!r} is not one of {sorted(ROLLOUT_BACKENDS)}")
+    return ROLLOUT_BACKENDS[backend]
 
 
 def generate(
@@ -235,6 +391,7 @@ def generate(
     ignore_eos: bool = False,
     batch_size: int | None = None,
     generator: torch.Generator | None = None,
+    backend: str | RolloutBackend = "hf",
 ) -> RolloutBatch:
     """Sample ``group_size`` completions per prompt from the current policy (no grad).
 
@@ -249,22 +406,26 @@ def generate(
         prompts: B strings or B token-id sequences (each non-empty).
         temperature: 0 means greedy decoding; ``sampling_logp`` is then taken at temperature 1.
         top_p, top_k: nucleus / top-k truncation of the sampling distribution (``top_k=None``
-            disables it). ``sampling_logp`` is taken before truncation.
+            disables it); top-k is applied first, top-p then keeps the smallest set of the
+            remaining tokens whose renormalised probability exceeds ``top_p`` (ties at the k-th
+            logit are all kept). ``sampling_logp`` is taken before truncation.
         eos_token_id: stop token(s); default: the model's generation config, else the
             tokenizer's EOS.
         ignore_eos: generate exactly ``max_new_tokens`` tokens (EOS suppressed) for fixed-length
             benchmarking; the mask is all ones and ``truncated`` all True. NOTE: the tokens are
             then drawn with EOS removed, and ``sampling_logp`` is under that renormalised
             distribution, so it is slightly above the policy's log-prob.
-        batch_size: sequences per ``generate`` call, in whole groups: each call takes
-            ``max(1, batch_size // group_size)`` prompts; None means a single call.
+        batch_size: sequences per chunk, in whole groups: each chunk takes
+            ``max(1, batch_size // group_size)`` prompts; None means a single chunk.
         generator: see the module docstring on reproducibility.
+        backend: a name in :data:`ROLLOUT_BACKENDS` (``"hf"`` or ``"shared_prefix"``) or any
+            :class:`RolloutBackend`.
 
     Explicit values replace the model's ``generation_config`` for temperature, top-k/p,
     typical-p, repetition penalty, n-gram ban and minimum length (checkpoints often ship e.g.
-    ``top_k=20``), so results do not depend on it.
+    ``top_k=20``), so results do not depend on it; ``"shared_prefix"`` never reads it.
     """
-    return DEFAULT_BACKEND.generate(
+    return resolve_backend(backend).generate(
         model,
         tokenizer,
         prompts,
@@ -278,6 +439,56 @@ def generate(
         batch_size=batch_size,
         generator=generator,
     )
+
+
+def choose_tokens(logits: Tensor, decoding: Decoding) -> tuple[Tensor, Tensor]:
+    """Next tokens and their ``sampling_logp`` from one step's logits (order: module docstring).
+
+    Args:
+        logits: [n, V] raw next-token logits (any float dtype; the math runs in float32).
+    Returns:
+        (tokens [n] long, logp [n] float32 under ``softmax(logits / logp_temperature)``, with
+        EOS banned first under ``ignore_eos``). Greedy (temperature 0) takes the first argmax.
+    """
+    d = decoding
+    scores = logits.float()
+    if d.ignore_eos and d.eos_ids:
+        eos = torch.tensor(d.eos_ids, dtype=torch.long, device=scores.device)
+        scores = scores.index_fill(1, eos, -math.inf)
+    scaled = scores / d.logp_temperature
+    if d.temperature > 0:
+        probs = torch.softmax(truncate_logits(scaled, top_k=d.top_k, top_p=d.top_p), dim=-1)
+        tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
+    else:
+        tokens = scores.argmax(dim=-1)
+    logp = torch.log_softmax(scaled, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+    return tokens, logp
+
+
+def truncate_logits(scores: Tensor, *, top_k: int | None, top_p: float) -> Tensor:
+    """Top-k, then top-p, with removed entries set to -inf (transformers' warper semantics,
+    one token always kept).
+
+    Top-k keeps every token whose score is >= the k-th largest (so ties with it survive).
+    Top-p sorts the survivors by ascending score and drops each token whose cumulative
+    probability up to and including it is <= ``1 - top_p``; the most likely token always stays.
+
+    Args:
+        scores: [n, V] float, already divided by the temperature.
+    Returns:
+        [n, V] scores with the removed tokens at -inf.
+    """
+    if top_k is not None and top_k < scores.shape[-1]:
+        kth = scores.topk(top_k, dim=-1).values[:, -1:]  # [n, 1]
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if top_p < 1.0:
+        ascending, order = scores.sort(dim=-1)  # [n, V] each
+        mass_up_to = ascending.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = mass_up_to <= 1.0 - top_p
+        drop_sorted[:, -1] = False
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        scores = scores.masked_fill(drop, -math.inf)
+    return scores
 
 
 def decode_completions(tokenizer: Any, batch: RolloutBatch) -> list[str]:
@@ -321,43 +532,55 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, length: int | None
     return ids, mask
 
 
-def _generate_chunk(
-    lm: nn.Module,
-    prompt_tokens: list[list[int]],
-    group_size: int,
-    config: GenerationConfig,
-    temperature: float,
-    eos_ids: list[int],
-    pad_id: int,
-    ignore_eos: bool,
+def _finish_chunk(
+    prompt_ids: Tensor,  # [n, P]
+    prompt_mask: Tensor,  # [n, P]
+    completion: Tensor,  # [n, C] sampled tokens, pad id after a row finished
+    logp: Tensor,  # [n, C] float32 sampling log-probs
+    decoding: Decoding,
 ) -> RolloutBatch:
-    device = next(lm.parameters()).device
-    ids, mask = left_pad(prompt_tokens, pad_id)  # [b, p]
-    ids = ids.repeat_interleave(group_size, dim=0).to(device)  # [b*G, p], prompt-major
-    mask = mask.repeat_interleave(group_size, dim=0).to(device)
-    recorder = _SampledLogProbRecorder(temperature if temperature > 0 else 1.0)
-    out = lm.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        generation_config=config,
-        logits_processor=LogitsProcessorList([recorder]),
-    )
-    completion = out.sequences[:, ids.shape[1] :]  # [b*G, c]
-    logp = recorder.finish(completion)
-    if ignore_eos:
+    """Masks, re-padding and truncation flags of one chunk (identical for every backend)."""
+    if decoding.ignore_eos:
         comp_mask = torch.ones_like(completion)
-        truncated = torch.ones(completion.shape[0], dtype=torch.bool, device=device)
+        truncated = torch.ones(completion.shape[0], dtype=torch.bool, device=completion.device)
     else:
-        completion, comp_mask, truncated = completion_masks(completion, eos_ids, pad_id)
+        completion, comp_mask, truncated = completion_masks(
+            completion, list(decoding.eos_ids), decoding.pad_id
+        )
     return RolloutBatch(
-        prompt_ids=ids,
-        prompt_mask=mask,
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
         completion_ids=completion,
         completion_mask=comp_mask,
         sampling_logp=logp.masked_fill(comp_mask == 0, 0.0),
         truncated=truncated,
-        group_size=group_size,
+        group_size=decoding.group_size,
     )
+
+
+def _last_logits(
+    lm: nn.Module,
+    input_ids: Tensor,  # [n, L_new]
+    attention_mask: Tensor,  # [n, L_cached + L_new]
+    position_ids: Tensor,  # [n, L_new]
+    cache: DynamicCache,
+) -> Tensor:  # [n, V] float32, the logits after the last input token
+    kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(lm) else {}
+    out = lm(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=True,
+        **kwargs,
+    )
+    return out.logits[:, -1].float()
+
+
+def _accepts_logits_to_keep(lm: nn.Module) -> bool:
+    """Whether the underlying model's forward takes ``logits_to_keep`` (peft forwards it)."""
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def _concat_chunks(chunks: list[RolloutBatch], pad_id: int, group_size: int) -> RolloutBatch:
@@ -384,33 +607,25 @@ def _concat_chunks(chunks: list[RolloutBatch], pad_id: int, group_size: int) -> 
     )
 
 
-def _generation_config(
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    top_k: int | None,
-    eos_ids: list[int],
-    pad_id: int,
-    ignore_eos: bool,
-) -> GenerationConfig:
+def _generation_config(d: Decoding) -> GenerationConfig:
     # NOTE: transformers fills every None field from the model's generation_config and then from
     # global defaults (top_k=50), so "off" must be spelled out: top_k=0, top_p=1.0, penalties 1.0.
-    sample = temperature > 0
+    sample = d.temperature > 0
     return GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=max_new_tokens if ignore_eos else None,
+        max_new_tokens=d.max_new_tokens,
+        min_new_tokens=d.max_new_tokens if d.ignore_eos else None,
         do_sample=sample,
-        temperature=temperature if sample else 1.0,
-        top_p=top_p if sample else 1.0,
-        top_k=(top_k or 0) if sample else None,  # greedy never applies top-k
+        temperature=d.temperature if sample else 1.0,
+        top_p=d.top_p if sample else 1.0,
+        top_k=(d.top_k or 0) if sample else None,  # greedy never applies top-k
         typical_p=1.0,
         repetition_penalty=1.0,
         no_repeat_ngram_size=0,
-        min_length=None if ignore_eos else 0,  # min_new_tokens overrides it
+        min_length=None if d.ignore_eos else 0,  # min_new_tokens overrides it
         num_beams=1,
         num_return_sequences=1,
-        eos_token_id=eos_ids or None,
-        pad_token_id=pad_id,
+        eos_token_id=list(d.eos_ids) or None,
+        pad_token_id=d.pad_id,
         use_cache=True,
         return_dict_in_generate=True,
     )

@@ -89,7 +89,15 @@ def cycle_model() -> MarkovLM:
 IDS_TOKENIZER = SimpleNamespace(pad_token_id=PAD, eos_token_id=EOS)
 
 
-def tiny_qwen(seed: int = 0) -> Qwen2ForCausalLM:
+@pytest.fixture(params=sorted(rollout.ROLLOUT_BACKENDS))
+def backend(request) -> str:
+    """Behavioural tests run against every backend: they all promise the same contract."""
+    return request.param
+
+
+def tiny_qwen(seed: int = 0, initializer_range: float = 0.02) -> Qwen2ForCausalLM:
+    """A larger ``initializer_range`` (e.g. 0.5) gives peaked, varied greedy continuations; at
+    the default a random tiny model mostly repeats one token."""
     torch.manual_seed(seed)
     config = Qwen2Config(
         num_hidden_layers=2,
@@ -100,11 +108,12 @@ def tiny_qwen(seed: int = 0) -> Qwen2ForCausalLM:
         vocab_size=20,
         tie_word_embeddings=True,
         max_position_embeddings=64,
+        initializer_range=initializer_range,
     )
     return Qwen2ForCausalLM(config).eval()
 
 
-def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+def tiny_gpt2(seed: int = 0, initializer_range: float = 0.02) -> GPT2LMHeadModel:
     """Absolute position embeddings: unlike RoPE, a constant position shift changes logits."""
     torch.manual_seed(seed)
     config = GPT2Config(
@@ -115,6 +124,7 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
         n_positions=64,
         bos_token_id=1,
         eos_token_id=1,
+        initializer_range=initializer_range,
     )
     return GPT2LMHeadModel(config).eval()
 
@@ -130,7 +140,7 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
-def test_uniform_logits_give_minus_log_v(temperature):
+def test_uniform_logits_give_minus_log_v(temperature, backend):
     torch.manual_seed(0)
     batch = generate(
         uniform_model(),
@@ -139,6 +149,7 @@ def test_uniform_logits_give_minus_log_v(temperature):
         group_size=4,
         max_new_tokens=6,
         temperature=temperature,
+        backend=backend,
     )
     mask = batch.completion_mask.bool()
     # softmax(0 / T) is uniform for every T: each sampled token has log-prob -log 8.
@@ -148,7 +159,7 @@ def test_uniform_logits_give_minus_log_v(temperature):
 
 
 @pytest.mark.parametrize("truncation", [dict(top_k=2), dict(top_p=0.5)])
-def test_logp_is_taken_before_truncation(truncation):
+def test_logp_is_taken_before_truncation(truncation, backend):
     # Every row of the table is the same: logits 3, 2.5, 2, ... for tokens 0, 1, 2, ...; at
     # T=0.8 consecutive probabilities shrink by e^-0.625 = 0.535, so p0 = 0.47 < 0.5 and
     # p0 + p1 = 0.72: top-k=2 and top-p=0.5 both leave exactly {0, 1}.
@@ -156,16 +167,25 @@ def test_logp_is_taken_before_truncation(truncation):
     model = markov(row.expand(V, V))
     torch.manual_seed(0)
     batch = generate(
-        model, IDS_TOKENIZER, [[1]], group_size=8, max_new_tokens=5, temperature=0.8, **truncation
+        model,
+        IDS_TOKENIZER,
+        [[1]],
+        group_size=8,
+        max_new_tokens=5,
+        temperature=0.8,
+        backend=backend,
+        **truncation,
     )
     assert batch.completion_ids.unique().tolist() == [0, 1]
     untruncated = torch.log_softmax(row / 0.8, dim=-1)[batch.completion_ids]
     torch.testing.assert_close(batch.sampling_logp, untruncated)
 
 
-def test_forced_eos_at_step_k():
+def test_forced_eos_at_step_k(backend):
     prompts = [[1, 2], [4], [6]]  # last tokens 2, 4, 6 -> EOS at steps 5, 3, 1
-    batch = generate(chain_model(), IDS_TOKENIZER, prompts, group_size=2, max_new_tokens=8)
+    batch = generate(
+        chain_model(), IDS_TOKENIZER, prompts, group_size=2, max_new_tokens=8, backend=backend
+    )
     assert batch.completion_lengths.tolist() == [5, 5, 3, 3, 1, 1]
     assert not batch.truncated.any()
     assert batch.completion_len == 5  # the longest completion; generate stops when all are done
@@ -184,18 +204,26 @@ def test_forced_eos_at_step_k():
     torch.testing.assert_close(batch.sampling_logp, expected)
 
 
-def test_never_eos_is_truncated_with_full_mask():
-    batch = generate(cycle_model(), IDS_TOKENIZER, [[1], [2, 3]], group_size=2, max_new_tokens=5)
+def test_never_eos_is_truncated_with_full_mask(backend):
+    batch = generate(
+        cycle_model(), IDS_TOKENIZER, [[1], [2, 3]], group_size=2, max_new_tokens=5, backend=backend
+    )
     assert batch.truncated.all()
     assert batch.completion_len == 5
     assert batch.completion_mask.eq(1).all()
     assert batch.completion_ids[0].tolist() == [2, 3, 4, 5, 6]
 
 
-def test_ignore_eos_generates_full_length():
+def test_ignore_eos_generates_full_length(backend):
     torch.manual_seed(0)
     batch = generate(
-        chain_model(), IDS_TOKENIZER, [[5]], group_size=3, max_new_tokens=6, ignore_eos=True
+        chain_model(),
+        IDS_TOKENIZER,
+        [[5]],
+        group_size=3,
+        max_new_tokens=6,
+        ignore_eos=True,
+        backend=backend,
     )
     assert batch.completion_ids.shape == (3, 6)
     assert batch.completion_mask.eq(1).all()
@@ -206,9 +234,11 @@ def test_ignore_eos_generates_full_length():
     torch.testing.assert_close(batch.sampling_logp[:, 1], torch.full((3,), -math.log(V - 1)))
 
 
-def test_left_padding_of_ragged_prompts():
+def test_left_padding_of_ragged_prompts(backend):
     prompts = [[1, 2, 3], [4], [5, 6]]
-    batch = generate(chain_model(), IDS_TOKENIZER, prompts, group_size=1, max_new_tokens=2)
+    batch = generate(
+        chain_model(), IDS_TOKENIZER, prompts, group_size=1, max_new_tokens=2, backend=backend
+    )
     assert batch.prompt_ids.tolist() == [[1, 2, 3], [PAD, PAD, 4], [PAD, 5, 6]]
     assert batch.prompt_mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
     assert batch.prompt_len == 3
@@ -216,11 +246,13 @@ def test_left_padding_of_ragged_prompts():
     assert batch.attention_mask.tolist()[1] == [0, 0, 1, *batch.completion_mask[1].tolist()]
 
 
-def test_group_layout_is_prompt_major():
+def test_group_layout_is_prompt_major(backend):
     torch.manual_seed(0)
     prompts = [[1, 2], [3], [4, 5]]
     g = 3
-    batch = generate(uniform_model(), IDS_TOKENIZER, prompts, group_size=g, max_new_tokens=4)
+    batch = generate(
+        uniform_model(), IDS_TOKENIZER, prompts, group_size=g, max_new_tokens=4, backend=backend
+    )
     assert batch.num_sequences == len(prompts) * g and batch.group_size == g
     for index, prompt in enumerate(prompts):
         rows = batch.prompt_ids[index * g : (index + 1) * g]
@@ -228,9 +260,11 @@ def test_group_layout_is_prompt_major():
         assert rows.tolist() == [expected] * g
 
 
-def test_chunked_batching_matches_one_call():
+def test_chunked_batching_matches_one_call(backend):
     prompts = [[1, 2], [4], [6], [3]]
-    whole = generate(chain_model(), IDS_TOKENIZER, prompts, group_size=2, max_new_tokens=8)
+    whole = generate(
+        chain_model(), IDS_TOKENIZER, prompts, group_size=2, max_new_tokens=8, backend=backend
+    )
     for batch_size in (1, 2, 5):
         chunked = generate(
             chain_model(),
@@ -239,6 +273,7 @@ def test_chunked_batching_matches_one_call():
             group_size=2,
             max_new_tokens=8,
             batch_size=batch_size,
+            backend=backend,
         )
         for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask"):
             assert torch.equal(getattr(chunked, name), getattr(whole, name)), name
@@ -246,50 +281,62 @@ def test_chunked_batching_matches_one_call():
         assert torch.equal(chunked.truncated, whole.truncated)
 
 
-def test_chunked_sampling_has_same_shapes():
+def test_chunked_sampling_has_same_shapes(backend):
     prompts = [[1, 2, 3], [4], [5, 6]]
     torch.manual_seed(0)
-    whole = generate(uniform_model(), IDS_TOKENIZER, prompts, group_size=2, max_new_tokens=6)
+    whole = generate(
+        uniform_model(), IDS_TOKENIZER, prompts, group_size=2, max_new_tokens=6, backend=backend
+    )
     torch.manual_seed(0)
     chunked = generate(
-        uniform_model(), IDS_TOKENIZER, prompts, group_size=2, max_new_tokens=6, batch_size=2
+        uniform_model(),
+        IDS_TOKENIZER,
+        prompts,
+        group_size=2,
+        max_new_tokens=6,
+        batch_size=2,
+        backend=backend,
     )
     assert chunked.prompt_ids.shape == whole.prompt_ids.shape
     assert chunked.num_sequences == whole.num_sequences
     assert torch.equal(chunked.prompt_ids, whole.prompt_ids)
 
 
-def test_same_seed_same_tokens():
+def test_same_seed_same_tokens(backend):
     model, prompts = tiny_qwen(), [[3, 4, 5], [6]]
     kwargs = dict(group_size=3, max_new_tokens=6, eos_token_id=1)
     runs = []
     for _ in range(2):
         torch.manual_seed(123)
-        runs.append(generate(model, IDS_TOKENIZER, prompts, **kwargs))
+        runs.append(generate(model, IDS_TOKENIZER, prompts, backend=backend, **kwargs))
     assert torch.equal(runs[0].completion_ids, runs[1].completion_ids)
     torch.manual_seed(124)
-    other = generate(model, IDS_TOKENIZER, prompts, **kwargs)
+    other = generate(model, IDS_TOKENIZER, prompts, backend=backend, **kwargs)
     assert not torch.equal(other.completion_ids, runs[0].completion_ids)
 
 
-def test_generator_seeds_sampling_and_leaves_global_rng_alone():
+def test_generator_seeds_sampling_and_leaves_global_rng_alone(backend):
     model, prompts = tiny_qwen(), [[3, 4, 5], [6]]
     kwargs = dict(group_size=3, max_new_tokens=6, eos_token_id=1)
     global_state = torch.get_rng_state()
-    first = generate(model, None, prompts, generator=torch.Generator().manual_seed(7), **kwargs)
+    first = generate(
+        model, None, prompts, generator=torch.Generator().manual_seed(7), backend=backend, **kwargs
+    )
     assert torch.equal(torch.get_rng_state(), global_state)
     torch.manual_seed(999)  # a different global state must not matter
-    second = generate(model, None, prompts, generator=torch.Generator().manual_seed(7), **kwargs)
+    second = generate(
+        model, None, prompts, generator=torch.Generator().manual_seed(7), backend=backend, **kwargs
+    )
     assert torch.equal(first.completion_ids, second.completion_ids)
 
 
-def test_greedy_is_deterministic_and_argmax():
+def test_greedy_is_deterministic_and_argmax(backend):
     model, prompts = tiny_qwen(), [[3, 4, 5], [6], [7, 8]]
     kwargs = dict(group_size=2, max_new_tokens=6, temperature=0.0, eos_token_id=1)
     torch.manual_seed(0)
-    first = generate(model, IDS_TOKENIZER, prompts, **kwargs)
+    first = generate(model, IDS_TOKENIZER, prompts, backend=backend, **kwargs)
     torch.manual_seed(1)
-    second = generate(model, IDS_TOKENIZER, prompts, **kwargs)
+    second = generate(model, IDS_TOKENIZER, prompts, backend=backend, **kwargs)
     assert torch.equal(first.completion_ids, second.completion_ids)
     # Every token is the argmax of a full forward at the position before it.
     with torch.no_grad():
@@ -307,7 +354,7 @@ def test_greedy_is_deterministic_and_argmax():
     "sampling", [dict(temperature=1.0), dict(temperature=0.7, top_p=0.9, top_k=6)]
 )
 @pytest.mark.parametrize("make_model", [tiny_qwen, tiny_gpt2])
-def test_sampling_logp_matches_completion_forward(make_model, sampling):
+def test_sampling_logp_matches_completion_forward(make_model, sampling, backend):
     """Generation (KV cache, left padding) and the training forward (positions from the mask,
     logits_to_keep) must agree on every sampled token's log-prob. RoPE (Qwen2) is blind to a
     constant position shift, so GPT-2's absolute positions are what checks the position ids."""
@@ -322,6 +369,7 @@ def test_sampling_logp_matches_completion_forward(make_model, sampling):
         eos_token_id=[1, 2],
         batch_size=4,
         **sampling,
+        backend=backend,
     )
     assert model.training
     assert batch.completion_mask.eq(0).any(), "want some sequences that stopped early"
@@ -337,37 +385,39 @@ def test_sampling_logp_matches_completion_forward(make_model, sampling):
     torch.testing.assert_close(out.logp * batch.completion_mask, batch.sampling_logp)
 
 
-def test_policy_with_value_head_generates_from_its_lm():
+def test_policy_with_value_head_generates_from_its_lm(backend):
     lm = tiny_qwen()
     policy = PolicyWithValueHead(lm)
     kwargs = dict(group_size=2, max_new_tokens=5, eos_token_id=1)
     torch.manual_seed(0)
-    plain = generate(lm, IDS_TOKENIZER, [[3, 4]], **kwargs)
+    plain = generate(lm, IDS_TOKENIZER, [[3, 4]], backend=backend, **kwargs)
     torch.manual_seed(0)
-    wrapped = generate(policy, IDS_TOKENIZER, [[3, 4]], **kwargs)
+    wrapped = generate(policy, IDS_TOKENIZER, [[3, 4]], backend=backend, **kwargs)
     assert torch.equal(plain.completion_ids, wrapped.completion_ids)
 
 
-def test_model_generation_config_does_not_leak_in():
+def test_model_generation_config_does_not_leak_in(backend):
     model = uniform_model()
     # transformers would otherwise fill unset knobs from here: top_k=1 makes sampling constant.
     model.generation_config.top_k = 1
     model.generation_config.repetition_penalty = 5.0
     torch.manual_seed(0)
-    batch = generate(model, IDS_TOKENIZER, [[1]], group_size=4, max_new_tokens=6)
+    batch = generate(model, IDS_TOKENIZER, [[1]], group_size=4, max_new_tokens=6, backend=backend)
     mask = batch.completion_mask.bool()
     assert len(batch.completion_ids[mask].unique()) > 1
     torch.testing.assert_close(batch.sampling_logp, torch.where(mask, -math.log(V), 0.0))
 
 
-def test_string_prompts_and_decode_completions():
+def test_string_prompts_and_decode_completions(backend):
     tokenizer = char_tokenizer()  # a..h -> 2..9; EOS = 1
     table = torch.zeros(10, 10)
     table[2, 3] = table[3, 4] = table[4, 1] = table[6, 1] = FORCE  # a->b->c->EOS, e->EOS
     model = MarkovLM(MarkovConfig(vocab_size=10))
     with torch.no_grad():
         model.table.weight.copy_(table)
-    batch = generate(model, tokenizer, ["ga", "hhe"], group_size=1, max_new_tokens=4)
+    batch = generate(
+        model, tokenizer, ["ga", "hhe"], group_size=1, max_new_tokens=4, backend=backend
+    )
     assert batch.prompt_ids.tolist() == [[0, 8, 2], [9, 9, 6]]
     assert decode_completions(tokenizer, batch) == ["bc", ""]
 
@@ -423,7 +473,12 @@ def fake_deepspeed(monkeypatch):
 
     module = types.ModuleType("deepspeed")
     module.zero = SimpleNamespace(GatheredParameters=gathered)
+    status = types.ModuleType("deepspeed.runtime.zero.partition_parameters")
+    status.ZeroParamStatus = SimpleNamespace(AVAILABLE="AVAILABLE")
     monkeypatch.setitem(sys.modules, "deepspeed", module)
+    for name in ("deepspeed.runtime", "deepspeed.runtime.zero"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, status.__name__, status)
     yield calls
 
 
@@ -434,13 +489,19 @@ def test_gather_params_is_a_noop_without_zero3(monkeypatch):
     assert calls == []
 
 
-def test_zero3_params_are_gathered_once_per_rollout(monkeypatch):
+def test_zero3_params_are_gathered_once_per_rollout(monkeypatch, backend):
     model = chain_model()
     for param in model.parameters():
         param.ds_id, param.ds_status = 0, "NOT_AVAILABLE"
     with fake_deepspeed(monkeypatch) as calls:
         generate(
-            model, IDS_TOKENIZER, [[1], [4], [6]], group_size=2, max_new_tokens=8, batch_size=2
+            model,
+            IDS_TOKENIZER,
+            [[1], [4], [6]],
+            group_size=2,
+            max_new_tokens=8,
+            batch_size=2,
+            backend=backend,
         )
     assert len(calls) == 1
     assert calls[0] == list(model.parameters())
@@ -461,10 +522,228 @@ def test_zero3_params_are_gathered_once_per_rollout(monkeypatch):
         (dict(tokenizer=SimpleNamespace(pad_token_id=0, eos_token_id=None)), "eos_token_id"),
     ],
 )
-def test_bad_input_raises_naming_the_field(kwargs, field):
+def test_bad_input_raises_naming_the_field(kwargs, field, backend):
     args = dict(prompts=[[1]], tokenizer=IDS_TOKENIZER, group_size=2, max_new_tokens=3)
     if field == "tokenizer":
         args["tokenizer"] = None
     args.update(kwargs)
     with pytest.raises(ValueError, match=field):
-        generate(uniform_model(), args.pop("tokenizer"), args.pop("prompts"), **args)
+        generate(
+            uniform_model(), args.pop("tokenizer"), args.pop("prompts"), backend=backend, **args
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared-prefix backend against the generate backend
+# ---------------------------------------------------------------------------------------------
+
+
+def both_backends(model, prompts, **kwargs) -> tuple[RolloutBatch, RolloutBatch]:
+    """(hf, shared_prefix) rollouts of the same call, each from global seed 0."""
+    out = []
+    for name in ("hf", "shared_prefix"):
+        torch.manual_seed(0)
+        out.append(generate(model, IDS_TOKENIZER, prompts, backend=name, **kwargs))
+    return out[0], out[1]
+
+
+def assert_same_rollout(a: RolloutBatch, b: RolloutBatch) -> None:
+    for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "truncated"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.group_size == b.group_size
+    torch.testing.assert_close(a.sampling_logp, b.sampling_logp)
+
+
+# Greedy continuations of RAGGED_PROMPTS under the lively (initializer_range=0.5) tiny models,
+# read from an ignore_eos run: Qwen2 emits 2 at steps 3, 3 and 2 of prompts 1-3 and never for
+# prompt 0; GPT-2 emits 17 at steps 2 and 3 of prompts 0 and 2 only. With these EOS ids some
+# rows stop mid-way and others run to max_new_tokens.
+RAGGED_PROMPTS = [[3, 4, 5, 6, 7], [8], [9, 10, 11], [12, 13]]
+LIVELY = {"qwen2": (tiny_qwen, 2), "gpt2": (tiny_gpt2, 17)}
+
+
+@pytest.mark.parametrize("ignore_eos", [False, True])
+@pytest.mark.parametrize("batch_size", [None, 6])
+@pytest.mark.parametrize("arch", sorted(LIVELY))
+def test_greedy_shared_prefix_matches_generate(arch, batch_size, ignore_eos):
+    make_model, eos = LIVELY[arch]
+    hf, fast = both_backends(
+        make_model(initializer_range=0.5),
+        RAGGED_PROMPTS,
+        group_size=3,
+        max_new_tokens=10,
+        temperature=0.0,
+        eos_token_id=eos,
+        ignore_eos=ignore_eos,
+        batch_size=batch_size,  # 6 sequences = 2 prompts per chunk: chunks of whole groups
+    )
+    assert_same_rollout(hf, fast)
+    if ignore_eos:
+        assert fast.completion_len == 10 and not (fast.completion_ids == eos).any()
+    else:
+        assert fast.truncated.any() and not fast.truncated.all()
+        assert fast.completion_lengths.min() < 10
+
+
+@pytest.mark.parametrize("ignore_eos", [False, True])
+@pytest.mark.parametrize("batch_size", [None, 8])
+def test_backends_sample_identical_tokens_on_exact_logits(batch_size, ignore_eos):
+    """A Markov model's logits are a table lookup, bitwise equal in both backends, and both
+    consume the RNG in the same order (one multinomial draw over all rows per step), so the
+    same seed must give the same tokens: this pins the warper order temperature -> top-k ->
+    top-p, the EOS ban of ignore_eos, pad feeding after EOS and the early stop."""
+    torch.manual_seed(3)
+    table = torch.randn(V, V)
+    table[:, EOS] = 0.0  # with seed 3: 6 of 16 rows truncated, the others stop at steps 1-11
+    hf, fast = both_backends(
+        markov(table),
+        [[1, 2, 3], [4], [5, 6], [2]],
+        group_size=4,
+        max_new_tokens=12,
+        temperature=0.8,
+        top_k=5,
+        top_p=0.9,
+        ignore_eos=ignore_eos,
+        batch_size=batch_size,
+    )
+    assert_same_rollout(hf, fast)
+    if not ignore_eos:
+        assert fast.truncated.any() and not fast.truncated.all()
+
+
+@pytest.mark.parametrize("top_k", [None, 1, 3, 8, 20])
+@pytest.mark.parametrize("top_p", [1.0, 0.9, 0.5, 0.05])
+def test_truncate_logits_matches_transformers_warpers(top_k, top_p):
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(0)
+    scores = torch.randn(64, 12)
+    scores[:8, :4] = 1.5  # ties, at and around the k-th score
+    expected = scores
+    if top_k is not None:
+        expected = TopKLogitsWarper(top_k)(None, expected)
+    if top_p < 1.0:
+        expected = TopPLogitsWarper(top_p)(None, expected)
+    got = rollout.truncate_logits(scores, top_k=top_k, top_p=top_p)
+    assert torch.equal(got, expected)
+    assert torch.isfinite(got).any(dim=1).all()  # at least one token always survives
+
+
+# One fixed next-token distribution, whatever the previous token (every table row equal):
+#   logits  = [1.0, 2.0, 0.5, 1.5, 0.0, -0.5, 0.8, -FORCE]  (EOS, token 7, never survives)
+# At T=1, exp(logits) = [2.718, 7.389, 1.649, 4.482, 1.000, 0.607, 2.226, 0], sum 20.071:
+#   p = [.1354, .3681, .0822, .2233, .0498, .0302, .1109, 0]
+# - top_k=3 keeps the three largest: {1, 3, 0}.
+# - top_p=0.8: ascending cumulative mass 5: .0302, 4: .0800, 2: .1622, 6: .2731, ...; tokens with
+#   mass <= 0.2 go, so {1, 3, 0, 6} stays (margins .04 and .07 from the threshold).
+# - top_k=3 then top_p=0.6: renormalised top-3 = [0: .1863, 3: .3072, 1: .5065]; mass
+#   <= 0.4 goes: token 0 (.1863), leaving {1, 3}. (top-p first would keep token 0 as well.)
+# At T=0.5 the weights are exp(2 * logits) = [7.389, 54.60, 2.718, 20.09, 1, .368, 4.953], sum
+#   91.11: ascending mass 5: .0040, 4: .0150, 2: .0448, 6: .0992, 0: .1803; top_p=0.85 drops
+#   mass <= 0.15, leaving {1, 3, 0}.
+KNOWN_ROW = torch.tensor([1.0, 2.0, 0.5, 1.5, 0.0, -0.5, 0.8, -FORCE])
+TRUNCATION_CASES = [
+    (dict(temperature=1.0, top_k=3), [0, 1, 3]),
+    (dict(temperature=1.0, top_p=0.8), [0, 1, 3, 6]),
+    (dict(temperature=1.0, top_k=3, top_p=0.6), [1, 3]),
+    (dict(temperature=0.5, top_p=0.85), [0, 1, 3]),
+]
+
+
+@pytest.mark.parametrize("sampling, allowed", TRUNCATION_CASES)
+def test_truncated_sampling_distribution(sampling, allowed, backend):
+    """Every sampled token lies in the hand-derived allowed set, and the empirical frequencies
+    match softmax(logits / T) renormalised over that set."""
+    torch.manual_seed(0)
+    batch = generate(
+        markov(KNOWN_ROW.expand(V, V)),
+        IDS_TOKENIZER,
+        [[1]],
+        group_size=2500,
+        max_new_tokens=8,
+        backend=backend,
+        **sampling,
+    )
+    tokens = batch.completion_ids.flatten()  # all full length: EOS has probability 0
+    assert tokens.numel() == 20_000
+    assert set(tokens.unique().tolist()) == set(allowed)
+    empirical = torch.bincount(tokens, minlength=V).float() / tokens.numel()
+    expected = torch.zeros(V)
+    expected[allowed] = torch.softmax(KNOWN_ROW[allowed] / sampling["temperature"], dim=0)
+    # Tokens are i.i.d. here (every row of the table is the same), so each frequency has
+    # standard deviation sqrt(p(1-p)/20000) <= 0.0036. 0.02 is more than 5.5 sigma (a false
+    # failure below 1e-7 per token), yet smaller than any error of a wrong set or order above
+    # (each moves some frequency by >= 0.08).
+    assert (empirical - expected).abs().max() < 0.02
+
+
+def test_prompt_is_prefilled_once_per_group():
+    """The shared-prefix backend's first forward holds the b distinct prompts, then one forward
+    of n = b*G single tokens per step; it stops once every row has emitted EOS."""
+    model = chain_model()
+    calls = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(tuple(kwargs["input_ids"].shape)),
+        with_kwargs=True,
+    )
+    batch = generate(
+        model,
+        IDS_TOKENIZER,
+        [[1, 2], [4], [6]],
+        group_size=4,
+        max_new_tokens=8,
+        backend="shared_prefix",
+    )
+    assert batch.completion_len == 5  # prompt [1, 2] -> 3, 4, 5, 6, EOS
+    assert calls == [(3, 2)] + [(12, 1)] * 4
+
+
+def test_shared_prefix_with_peft_lora():
+    from grpo_lab.models import apply_lora
+
+    model = apply_lora(
+        tiny_qwen(initializer_range=0.5),
+        r=4,
+        alpha=8,
+        dropout=0.0,
+        target_modules=["q_proj", "v_proj"],
+    )
+    torch.manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero (a no-op adapter); make it matter
+            param.data.normal_(std=0.5)
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    with torch.no_grad(), model.disable_adapter():
+        base_logits = model(input_ids=ids).logits
+    assert not torch.allclose(model(input_ids=ids).logits, base_logits)
+
+    hf, fast = both_backends(
+        model, RAGGED_PROMPTS, group_size=2, max_new_tokens=8, temperature=0.0, eos_token_id=2
+    )
+    assert_same_rollout(hf, fast)
+    torch.manual_seed(0)
+    sampled = generate(
+        model,
+        IDS_TOKENIZER,
+        RAGGED_PROMPTS,
+        group_size=3,
+        max_new_tokens=8,
+        eos_token_id=2,
+        backend="shared_prefix",
+    )
+    with torch.no_grad():
+        out = completion_forward(
+            model, sampled.input_ids, sampled.attention_mask, sampled.completion_len
+        )
+    torch.testing.assert_close(out.logp * sampled.completion_mask, sampled.sampling_logp)
+
+
+def test_backend_object_and_unknown_name():
+    fast = rollout.SharedPrefixBackend()
+    args = (chain_model(), IDS_TOKENIZER, [[4]])
+    batch = generate(*args, group_size=2, max_new_tokens=8, backend=fast)
+    assert batch.completion_ids[0].tolist() == [5, 6, EOS]
+    with pytest.raises(
+        ValueError, match=r"backend: 'vllm' is not one of \['hf', 'shared_prefix'\]"
+    ):
+        generate(*args, group_size=2, max_new_tokens=8, backend="vllm")
