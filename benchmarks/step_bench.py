@@ -1,7 +1,7 @@
 """Time optimizer steps of grpo_lab (GRPO, PPO value head, PPO critic) against TRL's GRPOTrainer.
 
     python benchmarks/step_bench.py --preset tiny                      # CPU, about a minute
-    python benchmarks/step_bench.py --preset tiny --threads 1 --rounds 3 --steps 10   # shared CPU
+    python benchmarks/step_bench.py --preset tiny --rounds 3 --steps 10   # steadier on a shared CPU
     python benchmarks/step_bench.py --preset w0.5b --out w.json        # one GPU, workload W
     python benchmarks/step_bench.py --preset w0.5b --impls grpo,ppo_head,ppo_critic   # no TRL
 
@@ -67,8 +67,11 @@ Measurement conventions:
 - Implementations run one after another in ``--impls`` order, each freed before the next.
   ``--rounds R`` repeats the whole sequence R times, reversing the order every other round, with
   a fresh trainer each time; timed steps are pooled, and each round's ratio to TRL is reported
-  too. On a CPU shared with other jobs this, and ``--threads 1`` (two OpenMP threads competing
-  with other processes for two cores stall each other), is what makes the ratios repeatable.
+  too. On a CPU shared with other jobs this, and one torch thread (the tiny recipes'
+  ``trainer.cpu_threads: 1``; OpenMP threads competing with other processes for two cores stall
+  each other), is what makes the ratios repeatable.
+- Torch threads: ``--threads``, else the GRPO recipe's ``trainer.cpu_threads``, else torch's
+  default; set for TRL too and passed to every grpo_lab recipe as ``trainer.cpu_threads``.
 
 Reference figures for W on one H200 (measured elsewhere, printed for context only): TRL 1.16
 GRPOTrainer about 6.4 s per step at about 9 GiB peak; plain transformers ``generate`` of 64 x 256
@@ -402,11 +405,20 @@ def prepare_workload(
 
 
 def grpo_lab_overrides(
-    preset: Preset, impl: str, *, model_path: str, output_dir: str, max_steps: int, seed: int
+    preset: Preset,
+    impl: str,
+    *,
+    model_path: str,
+    output_dir: str,
+    max_steps: int,
+    seed: int,
+    threads: int,
 ) -> list[str]:
     """Dotted overrides that turn the impl's recipe into this preset's workload."""
     overrides = [
         f"seed={seed}",
+        # The trainer applies this to the whole process; every implementation gets the same.
+        f"trainer.cpu_threads={threads}",
         f"output_dir={output_dir}",
         f"model.name_or_path={model_path}",
         f"model.dtype={preset.dtype}",
@@ -658,6 +670,7 @@ def run_grpo_lab(
     device: torch.device,
     workdir: Path,
     seed: int,
+    threads: int,
 ) -> ImplResult:
     """Build ``Trainer`` from the impl's recipe and time ``warmup + steps`` calls of ``step()``."""
     from grpo_lab.config import load_config
@@ -670,8 +683,10 @@ def run_grpo_lab(
         output_dir=str(workdir / f"run_{impl}"),
         max_steps=warmup + steps,
         seed=seed,
+        threads=threads,
     )
     cfg = load_config(RECIPES / preset.recipes[impl], overrides)
+    torch.set_num_threads(threads)
     free_memory(device)
     rss_before = _rss_gib()
     step_s, records = [], []
@@ -788,6 +803,7 @@ def run_trl(
     device: torch.device,
     workdir: Path,
     seed: int,
+    threads: int,
 ) -> ImplResult:
     """Time ``warmup + steps`` optimizer steps of TRL's ``GRPOTrainer`` on the same workload."""
     import trl
@@ -802,6 +818,7 @@ def run_trl(
         seed=seed,
         use_cpu=device.type == "cpu",
     )
+    torch.set_num_threads(threads)
     dataset = Dataset.from_list(
         [{"prompt": p.question, "answer": p.answer} for p in workload.problems]
     )
@@ -971,6 +988,19 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def resolve_threads(preset: Preset, requested: int | None) -> int:
+    """Torch threads for every implementation: ``--threads``, else the GRPO recipe's
+    ``trainer.cpu_threads``, else torch's default."""
+    if requested is not None:
+        if requested < 1:
+            raise SystemExit(f"--threads must be >= 1, got {requested}")
+        return requested
+    from grpo_lab.config import load_config
+
+    recipe = load_config(RECIPES / preset.recipes["grpo"]).trainer.cpu_threads
+    return recipe if recipe is not None else torch.get_num_threads()
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -1016,7 +1046,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", type=Path, help="also write the JSON report to this file")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads for every implementation (default: the GRPO recipe's "
+        "trainer.cpu_threads, else torch's default)",
+    )
     parser.add_argument(
         "--allow-cpu", action="store_true", help="run a GPU preset on the CPU anyway (very slow)"
     )
@@ -1037,8 +1072,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    threads = resolve_threads(preset, args.threads)
     trl_version = None
     if "trl" in args.impls:
         import trl  # fail now, not after the grpo_lab runs
@@ -1058,6 +1092,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "device": device,
             "workdir": workdir,
             "seed": args.seed,
+            "threads": threads,
         }
         for r, order in enumerate(round_orders(args.impls, args.rounds)):
             for impl in order:
@@ -1083,7 +1118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "transformers": transformers.__version__,
             "trl": trl_version,
         },
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": threads,
         "load_avg_start": list(load_start),
         "load_avg_end": list(os.getloadavg()),
         "steps": args.steps,

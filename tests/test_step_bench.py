@@ -135,7 +135,7 @@ def test_trl_settings_give_one_generation_batch_of_prompts_times_g_per_optimizer
 def test_grpo_lab_overrides_load_and_match_the_preset(preset, impl):
     p = sb.PRESETS[preset]
     overrides = sb.grpo_lab_overrides(
-        p, impl, model_path="some/model", output_dir="out", max_steps=7, seed=0
+        p, impl, model_path="some/model", output_dir="out", max_steps=7, seed=0, threads=3
     )
     cfg = load_config(sb.RECIPES / p.recipes[impl], overrides)
     assert cfg.model.name_or_path == "some/model"
@@ -147,6 +147,7 @@ def test_grpo_lab_overrides_load_and_match_the_preset(preset, impl):
     assert cfg.rollout.ignore_eos == p.fixed_length
     assert (cfg.model.dtype, cfg.trainer.lr, cfg.loss.kl_coef) == (p.dtype, p.lr, 0.0)
     assert cfg.data.name == "arith" and cfg.data.num_eval == 0
+    assert cfg.trainer.cpu_threads == 3
     if impl == "grpo":
         assert cfg.trainer.micro_batch_size == p.micro_batch_size
         assert cfg.trainer.epochs * cfg.trainer.num_minibatches == 1
@@ -216,6 +217,12 @@ def test_json_safe_turns_non_finite_floats_into_null():
     json.dumps(out, allow_nan=False)
 
 
+def test_threads_default_to_the_grpo_recipe_then_torch():
+    assert sb.resolve_threads(sb.PRESETS["tiny"], 2) == 2
+    assert sb.resolve_threads(sb.PRESETS["tiny"], None) == 1  # tiny_arith_grpo.yaml
+    assert sb.resolve_threads(sb.PRESETS["w0.5b"], None) == torch.get_num_threads()
+
+
 def test_impls_option_rejects_unknown_and_repeated_names():
     with pytest.raises(SystemExit):
         sb.build_parser().parse_args(["--preset", "tiny", "--impls", "grpo,foo"])
@@ -241,6 +248,7 @@ def test_small_w_grpo_lab_step_has_fixed_length_completions(tmp_path):
         device=torch.device("cpu"),
         workdir=tmp_path,
         seed=0,
+        threads=1,
     )
     assert result.completion_len == [4.0]
     assert len(result.step_s) == 1 and result.step_s[0] > 0
@@ -287,6 +295,7 @@ def test_small_w_trl_step_has_fixed_length_completions(tmp_path):
         device=torch.device("cpu"),
         workdir=tmp_path,
         seed=0,
+        threads=1,
     )
     assert result.completion_len == [4.0]
     assert set(result.phases_s) == {"generate", "reward", "rest"}
