@@ -158,9 +158,11 @@ def test_compute_ratios_divides_medians_and_memory_by_trl():
         "trl": {"step_s_summary": {"median": 2.0}, "mem_gib": 4.0},
         "grpo": {"step_s_summary": {"median": 1.0}, "mem_gib": 1.0},
     }
+    results["trl"]["step_s_summary"]["min"] = 1.0
+    results["grpo"]["step_s_summary"]["min"] = 0.25
     assert sb.compute_ratios(results) == {
-        "trl": {"time": 1.0, "memory": 1.0},
-        "grpo": {"time": 0.5, "memory": 0.25},
+        "trl": {"time": 1.0, "time_best": 1.0, "memory": 1.0},
+        "grpo": {"time": 0.5, "time_best": 0.25, "memory": 0.25},
     }
     assert sb.compute_ratios({"grpo": results["grpo"]}) == {}
 
@@ -279,7 +281,7 @@ def test_tiny_grpo_and_trl_end_to_end_with_ratios(capsys):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["trl_loss_type"] == "dapo"
     assert set(report["ratios"]) == {"trl", "grpo"}
-    assert report["ratios"]["trl"] == {"time": 1.0, "memory": 1.0}
+    assert report["ratios"]["trl"] == {"time": 1.0, "time_best": 1.0, "memory": 1.0}
     assert 1 <= report["results"]["trl"]["completion_len_mean"] <= 6
 
 
