@@ -52,9 +52,11 @@ def evaluate(
     system_prompt: str | None = None,
     batch_size: int = 256,
     timeout_s: float = 2.0,
+    backend: str = "hf",
 ) -> dict[str, float]:
     """Accuracy of `model` on `problems`.
 
+    `backend` names the rollout engine (:data:`grpo_lab.rollout.ROLLOUT_BACKENDS`).
     Returns ``eval/greedy_acc`` always, and with ``k > 1`` also ``eval/pass@1`` (mean accuracy of
     k samples at `temperature`), ``eval/maj@k`` and ``eval/pass@k``.
     """
@@ -80,6 +82,7 @@ def evaluate(
             temperature=temp,
             top_p=top_p,
             batch_size=batch_size,
+            backend=backend,
         )
         texts = decode_completions(tokenizer, batch)
         return score_batch(

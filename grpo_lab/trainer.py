@@ -461,6 +461,7 @@ class Trainer:
                 top_k=r.top_k,
                 ignore_eos=r.ignore_eos,
                 batch_size=r.batch_size,
+                backend=r.backend,
             )
         return batch.to(self.acc.device)
 
@@ -776,6 +777,7 @@ class Trainer:
                     system_prompt=cfg.data.system_prompt,
                     batch_size=cfg.rollout.batch_size or 256,
                     timeout_s=cfg.reward.timeout_s,
+                    backend=cfg.rollout.backend,
                 )
                 correct = res["eval/greedy_acc"] * len(local)
         s = self._global_sum(torch.tensor([correct, float(len(local))], device=self.acc.device))
