@@ -44,6 +44,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.cache_utils import DynamicLayer
 
 from grpo_lab.models import position_ids_from_mask
 
@@ -200,6 +201,81 @@ class Decoding:
         return self.temperature if self.temperature > 0 else 1.0
 
 
+def choose_tokens(
+    logits: Tensor, decoding: Decoding, *, sampler: str = "multinomial"
+) -> tuple[Tensor, Tensor]:
+    """Next tokens and their ``sampling_logp`` from one step's logits (order: module docstring).
+
+    Args:
+        logits: [n, V] raw next-token logits (any float dtype; the math runs in float32).
+        sampler: a name in :data:`SAMPLERS`; unused for greedy decoding.
+    Returns:
+        (tokens [n] long, logp [n] float32 under ``softmax(logits / logp_temperature)``, with
+        EOS banned first under ``ignore_eos``). Greedy (temperature 0) takes the first argmax.
+    """
+    d = decoding
+    scaled = logits.float() / d.logp_temperature  # a new tensor: the in-place ban is safe
+    if d.ignore_eos and d.eos_ids:
+        # Banning after the division is the same as before it: -inf / T = -inf.
+        eos = torch.tensor(d.eos_ids, dtype=torch.long, device=scaled.device)
+        scaled.index_fill_(1, eos, -math.inf)
+    if d.temperature > 0:
+        probs = torch.softmax(truncate_logits(scaled, top_k=d.top_k, top_p=d.top_p), dim=-1)
+        tokens = SAMPLERS[sampler](probs)
+    else:
+        tokens = scaled.argmax(dim=-1)  # greedy: scaled = logits / 1.0, bitwise the logits
+    logp = torch.log_softmax(scaled, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+    return tokens, logp
+
+
+def truncate_logits(scores: Tensor, *, top_k: int | None, top_p: float) -> Tensor:
+    """Top-k, then top-p, with removed entries set to -inf (transformers' warper semantics,
+    one token always kept).
+
+    Top-k keeps every token whose score is >= the k-th largest (so ties with it survive).
+    Top-p sorts the survivors by ascending score and drops each token whose cumulative
+    probability up to and including it is <= ``1 - top_p``; the most likely token always stays.
+
+    Args:
+        scores: [n, V] float, already divided by the temperature.
+    Returns:
+        [n, V] scores with the removed tokens at -inf.
+    """
+    if top_k is not None and top_k < scores.shape[-1]:
+        kth = scores.topk(top_k, dim=-1).values[:, -1:]  # [n, 1]
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if top_p < 1.0:
+        ascending, order = scores.sort(dim=-1)  # [n, V] each
+        mass_up_to = ascending.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = mass_up_to <= 1.0 - top_p
+        drop_sorted[:, -1] = False
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        scores = scores.masked_fill(drop, -math.inf)
+    return scores
+
+
+def sample_multinomial(probs: Tensor) -> Tensor:  # [n, V] -> [n] long
+    """One ``torch.multinomial`` draw per row (global RNG), as transformers ``generate``."""
+    return torch.multinomial(probs, num_samples=1).squeeze(1)
+
+
+def sample_inverse_cdf(probs: Tensor) -> Tensor:  # [n, V] -> [n] long
+    """One uniform draw u per row (global RNG); the token is the first whose cumulative
+    probability exceeds u times the row total. Tokens of probability 0 are never drawn.
+
+    NOTE: u * total can round up to the total itself, which no cumulative value exceeds; u is
+    therefore capped at the largest float below the total.
+    """
+    cdf = probs.cumsum(dim=-1)  # [n, V]
+    total = cdf[:, -1:]  # [n, 1]
+    u = torch.rand(probs.shape[0], 1, device=probs.device, dtype=cdf.dtype) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, u, right=True).squeeze(1)
+
+
+SAMPLERS = {"multinomial": sample_multinomial, "inverse_cdf": sample_inverse_cdf}
+
+
 class _ChunkedBackend:
     """The part every backend shares: argument checks, prompt tokenisation, EOS / pad
     resolution, chunking by whole groups, no grad, the ZeRO-3 gather, seeding and restoring
@@ -291,26 +367,43 @@ class SharedPrefixBackend(_ChunkedBackend):
     plain loop.
 
     Per chunk of b prompts: one forward over the b left-padded prompts (positions from the mask,
-    as in :func:`grpo_lab.models.completion_forward`, logits of the last position only) fills a
-    transformers ``DynamicCache``; ``batch_repeat_interleave(G)`` then copies each prompt's keys
-    and values to its G rows, so the prompt's prefill costs 1/G of the ``"hf"`` backend's. Each
-    decode step is one forward of the n = b*G last tokens with the attention mask grown by one
-    column and ``position_ids`` = (real tokens so far) - 1, i.e. ``cumsum - 1`` of the mask at
-    the last position. Tokens, log-probs, masks and truncation flags follow the ``"hf"``
-    backend's conventions exactly (see the module docstring): after its first EOS a row is fed
-    the pad id (attention mask 1, as ``generate`` does) and the loop stops once every row has
-    emitted an EOS. Model-specific ``generation_config`` fields are never read.
+    as in :func:`grpo_lab.models.completion_forward`, logits of the last position only) fills
+    the KV cache; ``batch_repeat_interleave(G)`` then copies each prompt's keys and values to
+    its G rows, so prefill costs 1/G of the ``"hf"`` backend's. The cache is a transformers
+    ``DynamicCache`` whose full-attention layers are :class:`PreallocatedLayer` (written in
+    place, no per-step concatenation). Each decode step is one forward of the n = b*G last
+    tokens with the attention mask grown by one column and ``position_ids`` = (real tokens so
+    far) - 1, i.e. ``cumsum - 1`` of the mask at the last position.
+
+    Tokens, log-probs, masks and truncation flags follow the ``"hf"`` backend's conventions
+    exactly (see the module docstring): after its first EOS a row is fed the pad id (attention
+    mask 1, as ``generate`` does) and the loop stops once every row has emitted an EOS. The
+    model's ``generation_config`` is never read.
+
+    Args:
+        sampler: how a token is drawn from the truncated distribution. ``"multinomial"``
+            (default): ``torch.multinomial``, the same RNG use as ``generate``, so on bitwise
+            equal logits both backends draw the same tokens. ``"inverse_cdf"``: one uniform per
+            row located in the cumulative distribution (:func:`sample_inverse_cdf`); the same
+            distribution from a different random stream, and much cheaper on CPU, where
+            ``torch.multinomial`` draws one exponential variate per vocabulary entry.
 
     Models are called as ``lm(input_ids=, attention_mask=, position_ids=, cache=,
     use_cache=True[, logits_to_keep=1])``: transformers 5 names the KV-cache argument ``cache``
     (``past_key_values`` is its deprecated alias). A model that ignores the cache must then
     depend on the last token only (the test mocks do).
 
-    NOTE: a static KV cache with a ``torch.compile(mode="reduce-overhead")`` (CUDA graph) decode
-    step is not implemented: it could not be checked on a GPU here. The seam for it is
-    :meth:`decode_step`, which owns the cache after the prefill: a subclass can copy the
-    prefilled, repeated keys/values into preallocated buffers and replay a captured step.
+    NOTE: a static-shape decode step for ``torch.compile(mode="reduce-overhead")`` (CUDA graphs)
+    is not implemented: it could not be checked on a GPU here. The seam for it is
+    :meth:`decode_step`, which receives the prefilled, repeated cache; its preallocated buffers
+    already have fixed addresses, so a subclass can attend over the whole buffer with a
+    fixed-width mask and replay a captured step.
     """
+
+    def __init__(self, sampler: str = "multinomial"):
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler: {sampler!r} is not one of {sorted(SAMPLERS)}")
+        self.sampler = sampler
 
     def generate_chunk(
         self, lm: nn.Module, prompt_tokens: list[list[int]], decoding: Decoding
@@ -319,9 +412,10 @@ class SharedPrefixBackend(_ChunkedBackend):
         device = next(lm.parameters()).device
         prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompt_tokens, d.pad_id))
         p, n = prompt_ids.shape[1], prompt_ids.shape[0] * g
-        cache = DynamicCache(config=getattr(lm, "config", None))
+        cache = _preallocated_cache(lm, capacity=p + d.max_new_tokens)
+        keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(lm) else {}
         logits = _last_logits(  # [b, V]
-            lm, prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask), cache
+            lm, prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask), cache, **keep
         )
         cache.batch_repeat_interleave(g)
         logits = logits.repeat_interleave(g, dim=0)  # [n, V]
@@ -338,7 +432,7 @@ class SharedPrefixBackend(_ChunkedBackend):
         for step in range(d.max_new_tokens):
             if step > 0:
                 logits = self.decode_step(lm, tokens[-1], full_mask[:, : p + step], cache)
-            token, logp = choose_tokens(logits, d)
+            token, logp = choose_tokens(logits, d, sampler=self.sampler)
             tokens.append(torch.where(unfinished, token, d.pad_id))
             logps.append(logp)
             if stop_on_eos:
@@ -360,6 +454,77 @@ class SharedPrefixBackend(_ChunkedBackend):
         """One cached forward of the last sampled tokens."""
         positions = attention_mask.sum(dim=1, keepdim=True) - 1  # [n, 1] == (cumsum - 1)[:, -1:]
         return _last_logits(lm, last_tokens[:, None], attention_mask, positions, cache)
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A full-attention KV cache layer whose keys/values live in buffers of ``capacity``
+    positions allocated at the first update, so a decode step writes one position in place
+    instead of copying the whole cache (``DynamicLayer`` concatenates: O(L^2) copies overall).
+
+    ``keys`` / ``values`` are views of the first ``length`` positions, [batch, heads, length,
+    head_dim] like a ``DynamicLayer``'s. Updates past ``capacity`` raise.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+        self._key_buffer: Tensor | None = None  # [batch, heads, capacity, head_dim]
+        self._value_buffer: Tensor | None = None
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.device = key_states.device
+        batch, heads, _, _ = key_states.shape
+        self._key_buffer = key_states.new_empty(batch, heads, self.capacity, key_states.shape[-1])
+        self._value_buffer = value_states.new_empty(
+            batch, heads, self.capacity, value_states.shape[-1]
+        )
+        self.is_initialized = True
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args, **kwargs
+    ) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache of {self.capacity} positions cannot hold {end}")
+        self._key_buffer[:, :, self.length : end] = key_states
+        self._value_buffer[:, :, self.length : end] = value_states
+        self.length = end
+        self._refresh_views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if not self.is_initialized:
+            return
+        # NOTE: only the filled positions are copied; the new buffers' tails stay uninitialised.
+        for name in ("_key_buffer", "_value_buffer"):
+            old = getattr(self, name)
+            new = old.new_empty(old.shape[0] * repeats, *old.shape[1:])
+            new[:, :, : self.length] = old[:, :, : self.length].repeat_interleave(repeats, dim=0)
+            setattr(self, name, new)
+        self._refresh_views()
+
+    def _refresh_views(self) -> None:
+        self.keys = self._key_buffer[:, :, : self.length]
+        self.values = self._value_buffer[:, :, : self.length]
+
+
+def _preallocated_cache(lm: nn.Module, capacity: int) -> DynamicCache:
+    """The model's ``DynamicCache`` with every plain full-attention layer preallocated to
+    ``capacity`` positions (sliding-window and other special layers keep their own class)."""
+    cache = DynamicCache(config=getattr(lm, "config", None))
+    if cache.layer_class_to_replicate is DynamicLayer:  # no config: layers are added lazily
+        cache.layer_class_to_replicate = lambda: PreallocatedLayer(capacity)
+    cache.layers = [
+        PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer
+        for layer in cache.layers
+    ]
+    return cache
 
 
 ROLLOUT_BACKENDS: dict[str, RolloutBackend] = {
@@ -441,56 +606,6 @@ def generate(
     )
 
 
-def choose_tokens(logits: Tensor, decoding: Decoding) -> tuple[Tensor, Tensor]:
-    """Next tokens and their ``sampling_logp`` from one step's logits (order: module docstring).
-
-    Args:
-        logits: [n, V] raw next-token logits (any float dtype; the math runs in float32).
-    Returns:
-        (tokens [n] long, logp [n] float32 under ``softmax(logits / logp_temperature)``, with
-        EOS banned first under ``ignore_eos``). Greedy (temperature 0) takes the first argmax.
-    """
-    d = decoding
-    scores = logits.float()
-    if d.ignore_eos and d.eos_ids:
-        eos = torch.tensor(d.eos_ids, dtype=torch.long, device=scores.device)
-        scores = scores.index_fill(1, eos, -math.inf)
-    scaled = scores / d.logp_temperature
-    if d.temperature > 0:
-        probs = torch.softmax(truncate_logits(scaled, top_k=d.top_k, top_p=d.top_p), dim=-1)
-        tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
-    else:
-        tokens = scores.argmax(dim=-1)
-    logp = torch.log_softmax(scaled, dim=-1).gather(1, tokens[:, None]).squeeze(1)
-    return tokens, logp
-
-
-def truncate_logits(scores: Tensor, *, top_k: int | None, top_p: float) -> Tensor:
-    """Top-k, then top-p, with removed entries set to -inf (transformers' warper semantics,
-    one token always kept).
-
-    Top-k keeps every token whose score is >= the k-th largest (so ties with it survive).
-    Top-p sorts the survivors by ascending score and drops each token whose cumulative
-    probability up to and including it is <= ``1 - top_p``; the most likely token always stays.
-
-    Args:
-        scores: [n, V] float, already divided by the temperature.
-    Returns:
-        [n, V] scores with the removed tokens at -inf.
-    """
-    if top_k is not None and top_k < scores.shape[-1]:
-        kth = scores.topk(top_k, dim=-1).values[:, -1:]  # [n, 1]
-        scores = scores.masked_fill(scores < kth, -math.inf)
-    if top_p < 1.0:
-        ascending, order = scores.sort(dim=-1)  # [n, V] each
-        mass_up_to = ascending.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = mass_up_to <= 1.0 - top_p
-        drop_sorted[:, -1] = False
-        drop = drop_sorted.scatter(1, order, drop_sorted)
-        scores = scores.masked_fill(drop, -math.inf)
-    return scores
-
-
 def decode_completions(tokenizer: Any, batch: RolloutBatch) -> list[str]:
     """Completion texts, up to but excluding the EOS, with special tokens skipped."""
     lengths = batch.completion_lengths - (~batch.truncated).long()  # [N] drop the EOS
@@ -564,8 +679,8 @@ def _last_logits(
     attention_mask: Tensor,  # [n, L_cached + L_new]
     position_ids: Tensor,  # [n, L_new]
     cache: DynamicCache,
+    **kwargs,
 ) -> Tensor:  # [n, V] float32, the logits after the last input token
-    kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(lm) else {}
     out = lm(
         input_ids=input_ids,
         attention_mask=attention_mask,

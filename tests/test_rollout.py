@@ -89,8 +89,16 @@ def cycle_model() -> MarkovLM:
 IDS_TOKENIZER = SimpleNamespace(pad_token_id=PAD, eos_token_id=EOS)
 
 
-@pytest.fixture(params=sorted(rollout.ROLLOUT_BACKENDS))
-def backend(request) -> str:
+@pytest.fixture(
+    params=[
+        "hf",
+        "shared_prefix",
+        pytest.param(
+            rollout.SharedPrefixBackend(sampler="inverse_cdf"), id="shared_prefix-inverse_cdf"
+        ),
+    ]
+)
+def backend(request):
     """Behavioural tests run against every backend: they all promise the same contract."""
     return request.param
 
@@ -747,3 +755,39 @@ def test_backend_object_and_unknown_name():
         ValueError, match=r"backend: 'vllm' is not one of \['hf', 'shared_prefix'\]"
     ):
         generate(*args, group_size=2, max_new_tokens=8, backend="vllm")
+
+
+def test_inverse_cdf_matches_a_loop():
+    torch.manual_seed(0)
+    probs = torch.softmax(3 * torch.randn(200, 10), dim=-1)
+    probs[:, 4] = 0.0  # a zero-probability token in the middle is never drawn
+    probs[:50, -3:] = 0.0  # nor a zero tail
+    torch.manual_seed(1)
+    tokens = rollout.sample_inverse_cdf(probs)
+    torch.manual_seed(1)
+    uniforms = torch.rand(200, 1).squeeze(1)
+    for row in range(200):
+        target = float(uniforms[row]) * float(probs[row].double().sum())
+        running, expected = 0.0, None
+        for token in range(10):
+            running += float(probs[row, token])
+            if running > target:
+                expected = token
+                break
+        # float32 cumsum vs this float64 loop can disagree only within rounding of a boundary
+        boundary = abs(running - target) < 1e-6 or expected is None
+        assert boundary or int(tokens[row]) == expected, row
+    assert not (tokens == 4).any() and not (tokens[:50] >= 7).any()
+
+
+def test_inverse_cdf_draw_at_the_total_takes_last_positive_token(monkeypatch):
+    # u = 1.0 * total: no cumulative value exceeds it (searchsorted would return V = 4), so the
+    # draw is capped just below the total, where the last token of positive probability lies.
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kwargs: torch.ones(*shape))
+    probs = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.1, 0.2, 0.3, 0.4]])
+    assert rollout.sample_inverse_cdf(probs).tolist() == [1, 3]
+
+
+def test_unknown_sampler_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"sampler: 'gumbel' is not one of \['inverse_cdf'"):
+        rollout.SharedPrefixBackend(sampler="gumbel")
