@@ -14,7 +14,8 @@ decoding uses temperature 1; ``ignore_eos`` is the one exception, see :func:`gen
 Sampling order, shared by every backend (transformers' warper order): logits in float32 ->
 EOS banned (``ignore_eos`` only) -> ``sampling_logp`` recorded -> divide by the temperature ->
 top-k -> top-p -> softmax -> one ``torch.multinomial`` draw per sequence per step, also for
-sequences that already finished (their token is replaced by the pad id).
+sequences that already finished (their token is replaced by the pad id). The shared-prefix
+backend can instead draw by inverse CDF (same distribution, another random stream).
 
 Reproducibility: with ``generator=None`` sampling draws from torch's global RNG, so
 ``torch.manual_seed(s)`` before :func:`generate` reproduces the same tokens. With a
@@ -273,6 +274,7 @@ def sample_inverse_cdf(probs: Tensor) -> Tensor:  # [n, V] -> [n] long
     return torch.searchsorted(cdf, u, right=True).squeeze(1)
 
 
+# How a token is drawn from a row of (truncated) probabilities: [n, V] -> [n] long.
 SAMPLERS = {"multinomial": sample_multinomial, "inverse_cdf": sample_inverse_cdf}
 
 
@@ -395,9 +397,9 @@ class SharedPrefixBackend(_ChunkedBackend):
 
     NOTE: a static-shape decode step for ``torch.compile(mode="reduce-overhead")`` (CUDA graphs)
     is not implemented: it could not be checked on a GPU here. The seam for it is
-    :meth:`decode_step`, which receives the prefilled, repeated cache; its preallocated buffers
-    already have fixed addresses, so a subclass can attend over the whole buffer with a
-    fixed-width mask and replay a captured step.
+    :meth:`decode_step`, which receives the prefilled, repeated cache; from then on its
+    preallocated buffers keep fixed addresses, so a subclass can attend over the whole buffer
+    with a fixed-width mask and replay a captured step.
     """
 
     def __init__(self, sampler: str = "multinomial"):
@@ -571,9 +573,10 @@ def generate(
         prompts: B strings or B token-id sequences (each non-empty).
         temperature: 0 means greedy decoding; ``sampling_logp`` is then taken at temperature 1.
         top_p, top_k: nucleus / top-k truncation of the sampling distribution (``top_k=None``
-            disables it); top-k is applied first, top-p then keeps the smallest set of the
-            remaining tokens whose renormalised probability exceeds ``top_p`` (ties at the k-th
-            logit are all kept). ``sampling_logp`` is taken before truncation.
+            disables it); top-k is applied first (ties with the k-th logit are kept), top-p
+            then keeps the most likely of the remaining tokens, renormalised, until their mass
+            reaches ``top_p`` (see :func:`truncate_logits`). ``sampling_logp`` is taken before
+            truncation.
         eos_token_id: stop token(s); default: the model's generation config, else the
             tokenizer's EOS.
         ignore_eos: generate exactly ``max_new_tokens`` tokens (EOS suppressed) for fixed-length

@@ -1,5 +1,7 @@
-"""Tests for grpo_lab.rollout against a mock model with known logits, plus a real tiny Qwen2
-for sampling-log-prob alignment with the training forward."""
+"""Tests for grpo_lab.rollout. Every backend (and the shared-prefix one with each sampler)
+meets one contract, checked against a mock model with known logits and tiny Qwen2 / GPT-2
+models (sampling log-probs = the training forward's); the shared-prefix backend is also
+compared with transformers ``generate`` token for token."""
 
 import math
 import sys
@@ -791,3 +793,26 @@ def test_inverse_cdf_draw_at_the_total_takes_last_positive_token(monkeypatch):
 def test_unknown_sampler_lists_valid_ones():
     with pytest.raises(ValueError, match=r"sampler: 'gumbel' is not one of \['inverse_cdf'"):
         rollout.SharedPrefixBackend(sampler="gumbel")
+
+
+def test_preallocated_layer_matches_dynamic_layer():
+    """Prefill 2 rows of 3 positions, repeat each row 3 times, then 4 one-token steps: the
+    preallocated layer must expose exactly the keys/values that concatenation builds."""
+    from transformers.cache_utils import DynamicLayer
+
+    torch.manual_seed(0)
+    dynamic, preallocated = DynamicLayer(), rollout.PreallocatedLayer(capacity=7)
+    updates = [torch.randn(2, 2, 3, 4)] + [torch.randn(6, 2, 1, 4) for _ in range(4)]
+    for step, keys in enumerate(updates):
+        expected = dynamic.update(keys, -keys)
+        got = preallocated.update(keys, -keys)
+        for a, b in zip(got, expected):
+            assert torch.equal(a, b)
+        assert preallocated.get_seq_length() == dynamic.get_seq_length()
+        if step == 0:
+            dynamic.batch_repeat_interleave(3)
+            preallocated.batch_repeat_interleave(3)
+            assert torch.equal(preallocated.keys, dynamic.keys)
+    assert preallocated.get_seq_length() == 7
+    with pytest.raises(RuntimeError, match="7 positions cannot hold 8"):
+        preallocated.update(updates[-1], updates[-1])
