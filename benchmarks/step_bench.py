@@ -18,8 +18,8 @@ Presets:
 - ``w0.5b`` (GPU, workload W): a randomly initialised model of Qwen2.5-0.5B's shape, bf16, sdpa,
   gradient checkpointing, 8 prompts of 64 random words x G=8, exactly 256 new tokens (EOS
   suppressed), micro-batches of 16 sequences: ``recipes/gsm8k_qwen2.5-0.5b_*.yaml`` with local
-  data. The model and a 151,936-word tokenizer are built locally (no hub) into a temporary folder
-  that both grpo_lab and TRL load.
+  data. The model and a 151,936-entry byte-level BPE tokenizer (133,399 four-letter words, each
+  one token) are built locally (no hub) into a temporary folder that both grpo_lab and TRL load.
 
 What one "step" is:
 
@@ -374,7 +374,8 @@ class Workload:
 def prepare_workload(
     preset: Preset, workdir: Path, *, total_steps: int, seed: int, w_shape: WShape | None = None
 ) -> Workload:
-    """Build (or find) the preset's model and ``prompts_per_step * total_steps`` prompts."""
+    """The preset's model folder (the tiny one is cached; W is built into ``workdir``) and
+    ``prompts_per_step * total_steps`` prompts."""
     n = preset.prompts_per_step * max(1, total_steps)
     if preset.model == "tiny":
         from grpo_lab.tiny import ensure_tiny_model
