@@ -16,6 +16,7 @@ outermost wrapper (DDP, accelerate, DeepSpeed) so that its hooks run.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from transformers import (
     AutoTokenizer,
     PretrainedConfig,
     PreTrainedModel,
+    PreTrainedTokenizerFast,
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -58,15 +60,32 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
     NOTE: with pad == EOS a padded position and a real EOS share an id, so masks (never token
     ids) must decide what is padding.
     """
-    tokenizer = AutoTokenizer.from_pretrained(
-        resolve_model_path(name_or_path), trust_remote_code=trust_remote_code
-    )
+    path = resolve_model_path(name_or_path)
+    if _declares_generic_fast_tokenizer(path):
+        # NOTE: transformers 5.x AutoTokenizer picks the tokenizer class from the model type
+        # (e.g. Qwen2Tokenizer for a qwen2 model), which re-runs that model's pre-tokenizer over
+        # a custom tokenizer.json (the embedded model's character tokenizer loses its spaces).
+        # A folder that declares the generic class gets its tokenizer.json exactly as saved.
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"tokenizer {name_or_path!r}: has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def _declares_generic_fast_tokenizer(path: str) -> bool:
+    config = Path(path) / "tokenizer_config.json"
+    if not (config.is_file() and (Path(path) / "tokenizer.json").is_file()):
+        return False
+    try:
+        declared = json.loads(config.read_text()).get("tokenizer_class")
+    except (OSError, json.JSONDecodeError):
+        return False
+    return declared in ("PreTrainedTokenizerFast", "TokenizersBackend")
 
 
 def load_causal_lm(

@@ -20,6 +20,7 @@ Departures from the papers, on purpose:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -328,8 +329,10 @@ class Trainer:
         logger.info("checkpoint written: %s", path)
 
     # ------------------------------------------------------------------ helpers
-    @property
+    @functools.cached_property
     def generation_model(self):
+        """The bare causal LM (peft-wrapped with LoRA) that samples; unwrapped once, since
+        accelerate's unwrap_model looks up package metadata on every call."""
         model = self.acc.unwrap_model(self.policy)
         return model.lm if isinstance(model, PolicyWithValueHead) else model
 

@@ -381,3 +381,22 @@ def test_lora_wrapped_lm_through_policy_and_completion_forward():
     assert lora_grads and all(g is not None for g in lora_grads)
     assert policy.v_head.linear.weight.grad is not None
     assert all(p.grad is None for n, p in lm.named_parameters() if "lora_" not in n)
+
+
+def test_embedded_character_tokenizer_keeps_its_spaces(tmp_path):
+    """A saved generic tokenizer.json is loaded as saved, not re-typed by the model type."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from grpo_lab.models import load_tokenizer
+    from grpo_lab.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    tok.save_pretrained(tmp_path)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1,
+                                 intermediate_size=32)).save_pretrained(tmp_path)  # fmt: skip
+    loaded = load_tokenizer(str(tmp_path))
+    text = "(1-2)= 3"
+    assert loaded(text)["input_ids"] == tok(text)["input_ids"]
+    assert loaded.decode(loaded(text)["input_ids"]) == text
+    assert loaded.padding_side == "left" and loaded.pad_token == "<pad>"
