@@ -174,9 +174,10 @@ class RolloutConfig:
     """Keep generating after end-of-sequence until max_new_tokens (fixed-length benchmarks)."""
     batch_size: int | None = None
     """Sequences per generate call on each process; null = all at once."""
-    backend: Literal["hf", "shared_prefix"] = "hf"
-    """Rollout engine: "hf" (transformers generate) or "shared_prefix" (each prompt prefilled once,
-    its KV cache shared by its G samples; a lean decode loop)."""
+    backend: Literal["hf", "shared_prefix"] = "shared_prefix"
+    """Rollout engine: "shared_prefix" (each prompt prefilled once, its KV cache shared by its G
+    samples, a lean decode loop; same tokens as "hf" for the same seed) or "hf" (transformers
+    generate)."""
 
 
 @dataclass
