@@ -277,11 +277,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _fingerprint(self) -> dict:
+        """What a resume must match. The model's name may change (hub name vs local copy);
+        its parameter shapes may not."""
         m = self.cfg.model
         extra = {
             "algorithm": self.cfg.algorithm,
             "value_mode": self.value_mode,
-            "model": m.name_or_path,
             "lora_r": m.lora.r,
             "world_size": self.world,
         }

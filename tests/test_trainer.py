@@ -341,3 +341,62 @@ def test_transformers_generate_backend_drives_the_loop(tiny_model_dir, tmp_path)
     history = Trainer(cfg).train()
     assert [r["step"] for r in history] == [1, 2]
     assert all(0.0 <= r["reward/mean"] <= 1.0 for r in history)
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    """A full disk during a save: the save fails cleanly, the run goes on, step 1's checkpoint
+    stays complete and no temporary folder is left behind."""
+    import errno
+
+    cfg = small_config(tiny_model_dir, tmp_path, "trainer.max_steps=2", "checkpoint.every=1")
+    trainer = Trainer(cfg)
+    trainer.step()
+    trainer.save_checkpoint()
+    real_save = trainer.acc.save_state
+
+    def full_disk(output_dir, **kwargs):
+        real_save(output_dir, **kwargs)  # partly written, then the disk fills up
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(trainer.acc, "save_state", full_disk)
+    trainer.step()
+    trainer.save_checkpoint()
+    assert "No space left on device" in caplog.text and "previous checkpoint is kept" in caplog.text
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step_0000001"]
+    assert (tmp_path / "checkpoints" / "step_0000001" / "COMPLETE").is_file()
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tiny_model_dir, tmp_path):
+    from grpo_lab.checkpoint import CheckpointError
+
+    cfg = small_config(tiny_model_dir, tmp_path, "trainer.max_steps=1", "checkpoint.every=1")
+    Trainer(cfg).train()
+    ckpt = tmp_path / "checkpoints" / "step_0000001"
+    (ckpt / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match=r"step_0000001 is corrupt"):
+        Trainer(small_config(tiny_model_dir, tmp_path, "resume=auto", "trainer.max_steps=2"))
+    (ckpt / "trainer_state.json").write_text("{ truncated")
+    with pytest.raises(CheckpointError, match=r"corrupt: cannot read trainer_state.json"):
+        Trainer(small_config(tiny_model_dir, tmp_path, "resume=auto", "trainer.max_steps=2"))
+
+
+def test_resume_with_a_different_model_shape_is_refused(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from grpo_lab.checkpoint import CheckpointError
+
+    Trainer(
+        small_config(tiny_model_dir, tmp_path, "trainer.max_steps=1", "checkpoint.every=1")
+    ).train()
+    wider = tmp_path / "wider"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    config = model.config
+    config.intermediate_size = config.intermediate_size * 2
+    AutoModelForCausalLM.from_config(config).save_pretrained(wider)
+    for f in Path(tiny_model_dir).glob("tokenizer*"):
+        (wider / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(CheckpointError, match="param_shapes"):
+        Trainer(
+            small_config(tiny_model_dir, tmp_path, "resume=auto", f"model.name_or_path={wider}")
+        )
