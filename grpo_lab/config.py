@@ -280,6 +280,10 @@ class TrainerConfig:
     """Evaluate every this many training steps; 0 = only at the start and the end."""
     progress_bar: bool = True
     """Show a progress bar on the main process."""
+    skip_zero_advantage: bool = True
+    """Do not run forward/backward for sequences whose advantage is 0 everywhere (GRPO groups
+    with identical rewards): their gradient is exactly zero. Applies to GRPO on one process with
+    no KL-in-loss or entropy term; the update is identical either way."""
     cpu_threads: int | None = None
     """Threads torch may use on CPU; null = torch's default. Tiny models run fastest on 1, and
     several threads on a busy machine can be many times slower than one."""

@@ -132,6 +132,7 @@ class Trainer:
         self.global_step = 0
         self.skipped_in_a_row = 0
         self.skipped_total = 0
+        self._skipped_rows = 0
         # The sampler position and harness counters travel with every checkpoint.
         self.acc.register_for_checkpointing(self.sampler, self.harness)
         self._resume()
@@ -527,6 +528,7 @@ class Trainer:
         N = exp.batch.num_sequences
         per_minibatch = N // t.num_minibatches
         sums: dict[str, float] = {}
+        self._skipped_rows = 0
         n_updates = 0
         grad_norms = []
         for _ in range(t.epochs):
@@ -549,6 +551,7 @@ class Trainer:
         out["optim/grad_norm"] = float(sum(grad_norms) / len(grad_norms))
         out["optim/lr"] = self.sched.get_last_lr()[0]
         out["optim/skipped_steps"] = self.skipped_total
+        out["update/zero_advantage_rows_skipped"] = self._skipped_rows / (N * t.epochs)
         return out
 
     def _optimizer_step(self, exp: Experience, idx: torch.Tensor) -> tuple[dict[str, float], float]:
@@ -590,9 +593,12 @@ class Trainer:
             "num_seqs": self._global_sum(torch.tensor(float(len(idx)), device=mask.device)),
             "norm_constant": float(cfg.rollout.max_new_tokens),
         }
-        token_mean = {"num_tokens": counts["num_tokens"]}
+        rows = self._rows_with_signal(exp, idx)
+        self._skipped_rows += len(idx) - len(rows)
+        # Token-mean diagnostics (entropy, KL) average over the tokens actually run.
+        token_mean = {"num_tokens": self._global_sum(exp.batch.completion_mask[rows].sum().float())}
         policy_loss_fn = algos.get_policy_loss(L.policy_loss)
-        micro = [idx[i : i + t.micro_batch_size] for i in range(0, len(idx), t.micro_batch_size)]
+        micro = [rows[i : i + t.micro_batch_size] for i in range(0, len(rows), t.micro_batch_size)]
         totals: dict[str, torch.Tensor] = {}
         for i, mi in enumerate(micro):
             last = i == len(micro) - 1
@@ -642,6 +648,28 @@ class Trainer:
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v.detach().float()
         return totals, len(micro)
+
+    def _rows_with_signal(self, exp: Experience, idx: torch.Tensor) -> torch.Tensor:
+        """The rows of `idx` whose update is not exactly zero.
+
+        A row whose advantage is 0 at every token (a GRPO group with identical rewards) adds
+        exactly nothing to the clipped policy loss or its gradient, so with no value model, no KL
+        or entropy term in the loss and one process it is not run at all; the loss is still
+        normalised by the counts of the whole minibatch, so the update is unchanged. NOTE: with
+        several processes every rank must run the same forwards (ZeRO-3 gathers per forward),
+        so nothing is skipped there.
+        """
+        L = self.cfg.loss
+        if not (
+            self.cfg.trainer.skip_zero_advantage
+            and self.world == 1
+            and self.value_mode is None
+            and (L.kl_coef == 0 or L.kl_mode == "reward")
+            and L.entropy_coef == 0
+        ):
+            return idx
+        active = idx[(exp.advantages[idx] != 0).any(dim=-1)]
+        return active if len(active) else idx[:1]
 
     def _value_loss(self, values, exp: Experience, mi, counts):
         return algos.value_loss(

@@ -400,3 +400,33 @@ def test_resume_with_a_different_model_shape_is_refused(tiny_model_dir, tmp_path
         Trainer(
             small_config(tiny_model_dir, tmp_path, "resume=auto", f"model.name_or_path={wider}")
         )
+
+
+def test_skipping_zero_advantage_rows_leaves_the_update_unchanged(tiny_model_dir, tmp_path):
+    """Rows of a group with identical rewards have advantage 0: running them or not gives the
+    same loss and gradients, since the loss is normalised by the whole minibatch's counts."""
+    cfg = small_config(tiny_model_dir, tmp_path, "trainer.micro_batch_size=2")
+    trainer = Trainer(cfg)
+    trainer.harness.start_step()
+    torch.manual_seed(3)
+    batch = trainer._rollout([p.question for p in trainer.sampler.next_batch()])
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0])  # second group: no signal
+    exp = trainer._make_experience(batch, rewards)
+    idx = torch.arange(batch.num_sequences)
+    results = {}
+    for skip in (False, True):
+        trainer.cfg.trainer.skip_zero_advantage = skip
+        trainer._skipped_rows = 0
+        trainer.policy.zero_grad(set_to_none=True)
+        totals, n_micro = trainer.accumulate_gradients(exp, idx)
+        results[skip] = (
+            totals["loss/policy"],
+            _grads(trainer.policy),
+            n_micro,
+            trainer._skipped_rows,
+        )
+    assert results[False][2] == 4 and results[True][2] == 2  # 8 rows vs the 4 with signal
+    assert results[True][3] == 4
+    torch.testing.assert_close(results[True][0], results[False][0])
+    for a, b in zip(results[True][1], results[False][1], strict=True):
+        torch.testing.assert_close(a, b)
