@@ -81,9 +81,8 @@ class Experience:
 
     batch: RolloutBatch
     rewards: torch.Tensor  # [N] float32 outcome reward
-    old_logp: (
-        torch.Tensor | None
-    )  # [N, C] behaviour-policy log-probs; None = on-policy single update
+    # [N, C] behaviour-policy log-probs; None = one on-policy update (the ratio is exactly 1)
+    old_logp: torch.Tensor | None
     ref_logp: torch.Tensor | None  # [N, C] reference log-probs; None when kl_coef == 0
     old_values: torch.Tensor | None  # [N, C] values at rollout time (PPO only)
     advantages: torch.Tensor  # [N, C]
