@@ -672,8 +672,12 @@ def run_grpo_lab(
     workdir: Path,
     seed: int,
     threads: int,
+    extra_overrides: Sequence[str] = (),
 ) -> ImplResult:
-    """Build ``Trainer`` from the impl's recipe and time ``warmup + steps`` calls of ``step()``."""
+    """Build ``Trainer`` from the impl's recipe and time ``warmup + steps`` calls of ``step()``.
+
+    ``extra_overrides`` (dotted ``key=value``) go last, e.g. ``model.lora.r=16`` to measure LoRA
+    against full fine-tuning on the same workload."""
     from grpo_lab.config import load_config
     from grpo_lab.trainer import Trainer
 
@@ -686,7 +690,7 @@ def run_grpo_lab(
         seed=seed,
         threads=threads,
     )
-    cfg = load_config(RECIPES / preset.recipes[impl], overrides)
+    cfg = load_config(RECIPES / preset.recipes[impl], [*overrides, *extra_overrides])
     torch.set_num_threads(threads)
     free_memory(device)
     rss_before = _rss_gib()
@@ -1066,6 +1070,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-cpu", action="store_true", help="run a GPU preset on the CPU anyway (very slow)"
     )
     parser.add_argument("--workdir", type=Path, help="folder for models and runs (default: temp)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra dotted override for grpo_lab's runs (repeatable), e.g. --set model.lora.r=16",
+    )
     return parser
 
 
@@ -1115,7 +1126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if impl == "trl":
                     per_round[impl].append(run_trl(preset, workload, **common))
                 else:
-                    per_round[impl].append(run_grpo_lab(impl, preset, workload, **common))
+                    per_round[impl].append(
+                        run_grpo_lab(impl, preset, workload, extra_overrides=args.set, **common)
+                    )
         results = {impl: merge_rounds(rs).to_dict() for impl, rs in per_round.items()}
 
     report = {
@@ -1129,6 +1142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "trl": trl_version,
         },
         "torch_threads": threads,
+        "extra_overrides": list(args.set),
         "load_avg_start": list(load_start),
         "load_avg_end": list(os.getloadavg()),
         "steps": args.steps,
