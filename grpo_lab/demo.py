@@ -41,7 +41,7 @@ def _accuracy(model_path: str, cfg, problems) -> dict[str, float]:
         tokenizer,
         problems,
         max_new_tokens=cfg.rollout.max_new_tokens,
-        k=4,
+        k=8,
         temperature=cfg.rollout.temperature,
         template=cfg.data.template,
     )
