@@ -463,10 +463,12 @@ def token_logprobs(
     temperature: float = 1.0,
     compute_entropy: bool = False,
     chunk_size: int = 1024,
+    max_chunk_elements: int = 2**26,
 ) -> tuple[Tensor, Tensor | None]:
     """Float32 log-prob of ``targets`` (and entropy) under softmax(logits / temperature).
 
-    Works ``chunk_size`` positions at a time. Under autograd each chunk is checkpointed, so
+    Works ``chunk_size`` positions at a time, fewer when N * positions * V would exceed
+    ``max_chunk_elements``. Under autograd each chunk is checkpointed, so
     only the model's own logits are kept for backward and the float32 log-softmax of a chunk is
     recomputed there; no [N, C, V] float32 tensor ever exists at once.
 
@@ -485,9 +487,13 @@ def token_logprobs(
         return logp, -(z_logp.exp() * z_logp).sum(-1)
 
     recompute = torch.is_grad_enabled() and logits.requires_grad
+    # Cap each chunk's float32 [N, c, V] block at max_chunk_elements (256 MiB by default), so a
+    # 152k vocabulary over a few hundred positions never sits in float32 at once.
+    n, _, vocab = logits.shape
+    step = max(1, min(chunk_size, max_chunk_elements // max(1, n * vocab)))
     logps, entropies = [], []
-    for start in range(0, logits.shape[1], chunk_size):
-        z, y = logits[:, start : start + chunk_size], targets[:, start : start + chunk_size]
+    for start in range(0, logits.shape[1], step):
+        z, y = logits[:, start : start + step], targets[:, start : start + step]
         logp, ent = checkpoint(chunk_fn, z, y, use_reentrant=False) if recompute else chunk_fn(z, y)
         logps.append(logp)
         entropies.append(ent)

@@ -400,3 +400,24 @@ def test_embedded_character_tokenizer_keeps_its_spaces(tmp_path):
     assert loaded(text)["input_ids"] == tok(text)["input_ids"]
     assert loaded.decode(loaded(text)["input_ids"]) == text
     assert loaded.padding_side == "left" and loaded.pad_token == "<pad>"
+
+
+def test_float32_chunks_stay_under_the_element_budget(monkeypatch):
+    """N=2, V=7: a budget of 28 elements allows 2 positions per chunk, so 5 positions take 3
+    float32 log-softmax calls, and the result equals the one-chunk result."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    targets = torch.randint(0, 7, (2, 5))
+    whole, whole_entropy = token_logprobs(logits, targets, compute_entropy=True)
+    calls = []
+    real = torch.log_softmax
+
+    def counting(x, *args, **kwargs):
+        calls.append(tuple(x.shape))
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "log_softmax", counting)
+    logp, entropy = token_logprobs(logits, targets, compute_entropy=True, max_chunk_elements=28)
+    assert calls == [(2, 2, 7), (2, 2, 7), (2, 1, 7)]
+    torch.testing.assert_close(logp, whole)
+    torch.testing.assert_close(entropy, whole_entropy)
