@@ -1,0 +1,58 @@
+"""Checkpoint folders: completeness marker, ordering, resume resolution, fingerprint checks.
+(Saving and exact resume through the trainer are in test_trainer.py.)"""
+
+import logging
+
+import pytest
+import torch
+
+from grpo_lab.checkpoint import (
+    MARKER,
+    CheckpointError,
+    check_fingerprint,
+    fingerprint,
+    list_checkpoints,
+    resolve_resume,
+)
+
+
+def _make(root, name, complete=True):
+    path = root / "checkpoints" / name
+    path.mkdir(parents=True)
+    if complete:
+        (path / MARKER).write_text("1")
+    return path
+
+
+def test_only_complete_checkpoints_count_in_step_order(tmp_path, caplog):
+    _make(tmp_path, "step_0000010")
+    _make(tmp_path, "step_0000002")
+    _make(tmp_path, "step_0000012", complete=False)  # crashed before the marker
+    _make(tmp_path, "step_0000014.tmp")  # crashed before the rename
+    with caplog.at_level(logging.WARNING, logger="grpo_lab"):
+        names = [p.name for p in list_checkpoints(tmp_path)]
+    assert names == ["step_0000002", "step_0000010"]
+    assert caplog.text.count("ignoring partial checkpoint") == 2
+
+
+def test_resolve_resume(tmp_path):
+    assert resolve_resume(None, tmp_path) is None
+    assert resolve_resume("auto", tmp_path) is None  # nothing yet: a fresh start
+    newest = _make(tmp_path, "step_0000005")
+    _make(tmp_path, "step_0000003")
+    assert resolve_resume("auto", tmp_path) == newest
+    assert resolve_resume(str(newest), tmp_path) == newest
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        resolve_resume(str(tmp_path / "nowhere"), tmp_path)
+
+
+def test_fingerprint_tells_what_differs(tmp_path):
+    small = fingerprint({"policy": torch.nn.Linear(4, 2)}, {"algorithm": "grpo"})
+    assert small == fingerprint({"policy": torch.nn.Linear(4, 2)}, {"algorithm": "grpo"})
+    wide = fingerprint({"policy": torch.nn.Linear(4, 3)}, {"algorithm": "ppo"})
+    check_fingerprint(small, small, tmp_path)
+    with pytest.raises(CheckpointError) as info:
+        check_fingerprint(small, wide, tmp_path)
+    message = str(info.value)
+    assert "algorithm: checkpoint has 'grpo', this run has 'ppo'" in message
+    assert "param_shapes" in message
