@@ -135,13 +135,26 @@ def save_checkpoint(
             f"saving checkpoint {final} failed ({error}); the previous checkpoint is kept"
         )
     if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_folder(tmp, final)
         for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def replace_folder(tmp: Path, final: Path) -> None:
+    """Move the finished folder `tmp` to `final`, replacing any earlier `final`.
+
+    The old folder is renamed aside before the new one is renamed in, so a crash at any point
+    leaves either the old or the new folder complete (the aside copy is removed last)."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    aside = final.with_name(final.name + ".old")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(final, aside)
+    os.replace(tmp, final)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def load_checkpoint(accelerator, path: Path, current_fingerprint: dict) -> dict:

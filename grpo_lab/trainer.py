@@ -39,6 +39,7 @@ from grpo_lab.checkpoint import (
     CheckpointError,
     fingerprint,
     load_checkpoint,
+    replace_folder,
     resolve_resume,
     save_checkpoint,
 )
@@ -897,19 +898,8 @@ class Trainer:
                 if self.acc.is_main_process:
                     critic.save_pretrained(tmp / "critic")
         if self.acc.is_main_process:
-            _atomic_replace(tmp, path)
+            replace_folder(tmp, path)
         self.acc.wait_for_everyone()
-
-
-def _atomic_replace(tmp: Path, final: Path) -> None:
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
 
 
 def _solved_groups(rewards: torch.Tensor, G: int) -> torch.Tensor:

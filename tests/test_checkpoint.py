@@ -56,3 +56,18 @@ def test_fingerprint_tells_what_differs(tmp_path):
     message = str(info.value)
     assert "algorithm: checkpoint has 'grpo', this run has 'ppo'" in message
     assert "param_shapes" in message
+
+
+def test_replace_folder_swaps_in_the_new_folder(tmp_path):
+    from grpo_lab.checkpoint import replace_folder
+
+    final, tmp = tmp_path / "final", tmp_path / "final.tmp"
+    tmp.mkdir()
+    (tmp / "a").write_text("first")
+    replace_folder(tmp, final)
+    assert (final / "a").read_text() == "first" and not tmp.exists()
+    tmp.mkdir()
+    (tmp / "b").write_text("second")
+    replace_folder(tmp, final)
+    assert sorted(p.name for p in final.iterdir()) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
