@@ -93,6 +93,18 @@ class _Worker:
         return [json.loads(line) for line in lines]
 
 
+def _reap(worker: _Worker) -> None:
+    """Kill (if still running) and wait for a worker, and close its pipes."""
+    if worker.process.poll() is None:
+        worker.process.kill()
+    worker.process.wait()
+    for stream in (worker.process.stdin, worker.process.stdout):
+        try:
+            stream.close()
+        except OSError:
+            pass
+
+
 def _default_num_workers() -> int:
     # Leave most cores to the trainer: 1 worker on 2 cores, 4 on 8 or more.
     return max(1, min(4, (os.cpu_count() or 2) // 2))
@@ -130,6 +142,9 @@ class VerifierPool:
         self.start_timeout_s = start_timeout_s
         self._lock = threading.Lock()
         self._workers: list[_Worker | None] = [None] * self.num_workers
+        # After the first timeout a spare worker is kept warming, so the next replacement is
+        # (usually) ready at once instead of costing the next item a ~1 s interpreter start.
+        self._spare: _Worker | None = None
         self._closed = False
         self._items = self._timeouts = self._crashes = self._errors = self._restarts = 0
         atexit.register(_close_at_exit, weakref.ref(self))
@@ -196,6 +211,9 @@ class VerifierPool:
                     except subprocess.TimeoutExpired:
                         pass
                     self._kill(slot)
+            if self._spare is not None:
+                _reap(self._spare)
+                self._spare = None
 
     def __enter__(self) -> VerifierPool:
         return self
@@ -226,23 +244,22 @@ class VerifierPool:
 
     def _kill(self, slot: int) -> None:
         worker = self._workers[slot]
-        if worker is None:
-            return
-        if worker.process.poll() is None:
-            worker.process.kill()
-        worker.process.wait()
-        for stream in (worker.process.stdin, worker.process.stdout):
-            try:
-                stream.close()
-            except OSError:
-                pass
+        if worker is not None:
+            _reap(worker)
         self._workers[slot] = None
 
     def _replace(self, slot: int) -> None:
-        """Kill the worker in ``slot`` and start its replacement, which warms up meanwhile."""
+        """Kill the worker in ``slot``; the warm spare (if alive) takes its place and a new spare
+        starts warming."""
         self._kill(slot)
         self._restarts += 1
-        self._workers[slot] = self._spawn()
+        spare, self._spare = self._spare, None
+        if spare is None or spare.process.poll() is not None:
+            if spare is not None:
+                _reap(spare)
+            spare = self._spawn()
+        self._workers[slot] = spare
+        self._spare = self._spawn()
 
     def _dispatch(
         self,

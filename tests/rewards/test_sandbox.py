@@ -167,3 +167,18 @@ def test_adversarial_completions_are_bounded_and_score_zero(pool, tmp_path):
         assert elapsed < TIMEOUT_S + SPAWN_MARGIN_S, (completion[:60], elapsed)
     assert not marker.exists()
     assert score_batch(["\\boxed{\\sqrt{2}}"], ["2^{1/2}"], pool=pool)[0].status == "correct"
+
+
+def test_a_warm_spare_replaces_a_timed_out_worker():
+    """After a timeout a spare starts warming; the next timeout swaps it in (no cold start for
+    the items behind it), and closing the pool reaps the spare too."""
+    with VerifierPool(1) as small:
+        small.start()
+        assert small.verify_many([("10^{10^{10}}", "5")], timeout_s=TIMEOUT_S) == ["timeout"]
+        spare = small._spare
+        assert spare is not None and _alive(spare.process.pid)
+        assert small.verify_many([("10^{10^{10}}", "5")], timeout_s=TIMEOUT_S) == ["timeout"]
+        assert small.worker_pids() == [spare.process.pid]
+        assert small.verify_many([("\\sqrt{8}", "2\\sqrt{2}")]) == ["correct"]
+        last_spare = small._spare.process.pid
+    assert not _alive(spare.process.pid) and not _alive(last_spare)
