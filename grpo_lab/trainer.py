@@ -453,21 +453,20 @@ class Trainer:
             )
             for q in questions
         ]
-        model = self.generation_model
-        with gather_params_for_generation(model):
-            batch = generate(
-                model,
-                self.tokenizer,
-                prompts,
-                group_size=r.group_size,
-                max_new_tokens=r.max_new_tokens,
-                temperature=r.temperature,
-                top_p=r.top_p,
-                top_k=r.top_k,
-                ignore_eos=r.ignore_eos,
-                batch_size=r.batch_size,
-                backend=r.backend,
-            )
+        # The rollout engine gathers ZeRO-3 parameters once for the whole rollout itself.
+        batch = generate(
+            self.generation_model,
+            self.tokenizer,
+            prompts,
+            group_size=r.group_size,
+            max_new_tokens=r.max_new_tokens,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            ignore_eos=r.ignore_eos,
+            batch_size=r.batch_size,
+            backend=r.backend,
+        )
         return batch.to(self.acc.device)
 
     def _make_experience(self, batch: RolloutBatch, rewards: torch.Tensor) -> Experience:
@@ -558,20 +557,22 @@ class Trainer:
         """Accumulate gradients over the minibatch `idx`, then clip and step the optimizer(s)."""
         totals, n_micro = self.accumulate_gradients(exp, idx)
         grad_norm = self._clip_and_step(self.policy, self.opt)
+        critic_norm = None
         if self.critic is not None:
-            totals["value/grad_norm"] = torch.tensor(
-                self._clip_and_step(self.critic, self.critic_opt)
-            )
+            critic_norm = self._clip_and_step(self.critic, self.critic_opt)
         # Losses were normalised by global counts, so their sum over micro-batches and processes
         # is the minibatch loss; the other diagnostics are per-micro-batch means, averaged.
         summed = ("loss/", "policy/entropy", "policy/kl_ref")
-        result = {}
-        for k, v in totals.items():
-            result[k] = float(
-                self._global_sum(v)
-                if k.startswith(summed)
-                else self._global_sum(v / n_micro) / self.world
-            )
+        keys = list(totals)
+        local = torch.stack(
+            [
+                totals[k] if k.startswith(summed) else totals[k] / (n_micro * self.world)
+                for k in keys
+            ]
+        )
+        result = dict(zip(keys, self._global_sum(local).tolist()))
+        if critic_norm is not None:
+            result["value/grad_norm"] = critic_norm  # already global (clipped over all ranks)
         return result, grad_norm
 
     def accumulate_gradients(
@@ -584,19 +585,22 @@ class Trainer:
         of processes: every loss is normalised by the minibatch's global token / sequence counts.
         """
         cfg, t, L = self.cfg, self.cfg.trainer, self.cfg.loss
-        mask = exp.batch.completion_mask[idx]
-        # Global counts: each micro-batch's loss is its share of the whole minibatch's loss summed
-        # over every process. DDP/DeepSpeed average gradients over ranks, so _backward multiplies
-        # the loss back by the world size.
-        counts = {
-            "num_tokens": self._global_sum(mask.sum().float()),
-            "num_seqs": self._global_sum(torch.tensor(float(len(idx)), device=mask.device)),
-            "norm_constant": float(cfg.rollout.max_new_tokens),
-        }
+        mask = exp.batch.completion_mask
         rows = self._rows_with_signal(exp, idx)
         self._skipped_rows += len(idx) - len(rows)
-        # Token-mean diagnostics (entropy, KL) average over the tokens actually run.
-        token_mean = {"num_tokens": self._global_sum(exp.batch.completion_mask[rows].sum().float())}
+        # Global counts, in one all-reduce: each micro-batch's loss is its share of the whole
+        # minibatch's loss summed over every process (DDP/DeepSpeed average gradients over ranks,
+        # so _backward multiplies the loss back by the world size). Token-mean diagnostics
+        # (entropy, KL) average over the tokens actually run.
+        tokens, seqs, run_tokens = self._global_sum(
+            torch.stack([mask[idx].sum(), mask.new_tensor(len(idx)), mask[rows].sum()]).float()
+        )
+        counts = {
+            "num_tokens": tokens,
+            "num_seqs": seqs,
+            "norm_constant": float(cfg.rollout.max_new_tokens),
+        }
+        token_mean = {"num_tokens": run_tokens}
         policy_loss_fn = algos.get_policy_loss(L.policy_loss)
         micro = [rows[i : i + t.micro_batch_size] for i in range(0, len(rows), t.micro_batch_size)]
         totals: dict[str, torch.Tensor] = {}
