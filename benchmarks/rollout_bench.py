@@ -1,7 +1,8 @@
-"""Time grpo_lab's rollout backends: transformers ``generate`` ("hf") vs "shared_prefix".
+"""Time grpo_lab's rollout backends: transformers ``generate`` ("hf") vs grpo_lab's own engines.
 
     python benchmarks/rollout_bench.py                       # CPU, both workloads, ~2 minutes
     python benchmarks/rollout_bench.py --workloads tiny --repeats 9 --threads 2
+    python benchmarks/rollout_bench.py --backends hf,static,compiled   # compiling takes ~1 min
 
 Workloads (float32, temperature 1, no top-k / top-p):
 
@@ -12,11 +13,14 @@ Workloads (float32, temperature 1, no top-k / top-p):
   MLP 1024, vocabulary 4000), 16 prompts of 32 random token ids x G=8, exactly 64 new tokens
   (``ignore_eos``).
 
-Three rollout engines get the same model object, prompts and arguments: ``hf`` and
-``shared_prefix`` from ``grpo_lab.rollout.ROLLOUT_BACKENDS``, and ``shared_prefix_icdf``, the
-shared-prefix backend with ``sampler="inverse_cdf"``. Each call is one whole rollout (one
-chunk: ``batch_size=None``). After ``--warmup`` untimed calls per engine, the timed calls go
-round-robin (hf, shared_prefix, shared_prefix_icdf, hf, ...) so that load from other jobs on a
+The rollout engines get the same model object, prompts and arguments: ``hf``,
+``shared_prefix``, ``static`` (fixed-shape decode steps over a static KV cache) and
+``compiled`` (the same step through ``torch.compile``; CUDA graphs on a GPU) from
+``grpo_lab.rollout.ROLLOUT_BACKENDS``, and ``shared_prefix_icdf``, the shared-prefix backend
+with ``sampler="inverse_cdf"``; ``--backends`` picks some (``hf`` is always run: it is the
+reference). Each call is one whole rollout (one chunk: ``batch_size=None``). After ``--warmup``
+untimed calls per engine (the first ``compiled`` one compiles), the timed calls go
+round-robin (hf, shared_prefix, ..., hf, ...) so that load from other jobs on a
 shared machine hits all alike; call r of each engine runs under ``torch.manual_seed(r)``. A
 tiny call takes tens of milliseconds, so it is repeated more often (``--repeats`` overrides
 both defaults). The table gives the median (min, max) wall-clock seconds per call, completion
@@ -52,7 +56,10 @@ BACKENDS = {
     "hf": "hf",
     "shared_prefix": "shared_prefix",
     "shared_prefix_icdf": SharedPrefixBackend(sampler="inverse_cdf"),
+    "static": "static",
+    "compiled": "compiled",
 }
+DEFAULT_BACKENDS = ("hf", "shared_prefix", "shared_prefix_icdf", "static")
 WORKLOADS = ("tiny", "qwen2_random")
 
 
@@ -135,19 +142,20 @@ def run_once(workload: Workload, name: str, seed: int) -> tuple[float, int, int]
     return seconds, int(batch.completion_mask.sum()), batch.completion_len
 
 
-def bench(workload: Workload, warmup: int, repeats: int | None) -> dict:
+def bench(workload: Workload, warmup: int, repeats: int | None, backends: list[str]) -> dict:
     repeats = workload.repeats if repeats is None else repeats
-    for backend in BACKENDS:
+    for backend in backends:
         for r in range(warmup):
             run_once(workload, backend, seed=10_000 + r)
-    times = {b: [] for b in BACKENDS}
-    tokens = {b: [] for b in BACKENDS}
+    times = {b: [] for b in backends}
+    tokens = {b: [] for b in backends}
     for r in range(repeats):
-        for backend in BACKENDS:
+        for backend in backends:
             seconds, n_tokens, _ = run_once(workload, backend, seed=r)
             times[backend].append(seconds)
             tokens[backend].append(n_tokens)
     out = {
+        "backends": backends,
         "repeats": repeats,
         "prompts": len(workload.prompts),
         "group_size": workload.kwargs["group_size"],
@@ -155,7 +163,7 @@ def bench(workload: Workload, warmup: int, repeats: int | None) -> dict:
         "ignore_eos": workload.kwargs.get("ignore_eos", False),
         "params": sum(p.numel() for p in workload.model.parameters()),
     }
-    for backend in BACKENDS:
+    for backend in backends:
         t = times[backend]
         out[backend] = {
             "median_s": statistics.median(t),
@@ -165,7 +173,7 @@ def bench(workload: Workload, warmup: int, repeats: int | None) -> dict:
             "mean_completion_tokens": statistics.fmean(tokens[backend]),
             "tokens_per_s": statistics.fmean(tokens[backend]) / statistics.median(t),
         }
-    for backend in BACKENDS:
+    for backend in backends:
         out[backend]["speedup"] = out["hf"]["median_s"] / out[backend]["median_s"]
     return out
 
@@ -176,7 +184,7 @@ def print_table(results: dict) -> None:
     print(header)
     print("-" * len(header))
     for name, res in results.items():
-        for backend in BACKENDS:
+        for backend in res["backends"]:
             r = res[backend]
             speedup = f"{r['speedup']:.2f}x"
             print(
@@ -189,6 +197,11 @@ def print_table(results: dict) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument(
+        "--backends",
+        default=",".join(DEFAULT_BACKENDS),
+        help=f"engines to time, from {list(BACKENDS)} (hf is always added)",
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=None, help="default: 25 tiny, 7 qwen2")
     parser.add_argument(
@@ -199,6 +212,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = sorted(set(names) - set(WORKLOADS))
     if unknown:
         parser.error(f"--workloads: {unknown} not in {list(WORKLOADS)}")
+    backends = ["hf"] + [b for b in args.backends.split(",") if b and b != "hf"]
+    unknown = sorted(set(backends) - set(BACKENDS))
+    if unknown:
+        parser.error(f"--backends: {unknown} not in {list(BACKENDS)}")
     if args.repeats is not None and args.repeats < 5:
         parser.error("--repeats: at least 5 (medians of fewer are too noisy)")
     assert {b for b in BACKENDS.values() if isinstance(b, str)} <= set(ROLLOUT_BACKENDS)
@@ -206,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     load_start = os.getloadavg()
     builders = {"tiny": tiny_workload, "qwen2_random": qwen2_random_workload}
-    results = {name: bench(builders[name](), args.warmup, args.repeats) for name in names}
+    results = {name: bench(builders[name](), args.warmup, args.repeats, backends) for name in names}
     load_end = os.getloadavg()
 
     print_table(results)
@@ -228,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "load_avg_end": list(load_end),
         "workloads": results,
         "speedup": {
-            name: {b: res[b]["speedup"] for b in BACKENDS if b != "hf"}
+            name: {b: res[b]["speedup"] for b in backends if b != "hf"}
             for name, res in results.items()
         },
     }

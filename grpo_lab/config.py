@@ -174,10 +174,12 @@ class RolloutConfig:
     """Keep generating after end-of-sequence until max_new_tokens (fixed-length benchmarks)."""
     batch_size: int | None = None
     """Sequences per generate call on each process; null = all at once."""
-    backend: Literal["hf", "shared_prefix"] = "shared_prefix"
+    backend: Literal["hf", "shared_prefix", "static", "compiled"] = "shared_prefix"
     """Rollout engine: "shared_prefix" (each prompt prefilled once, its KV cache shared by its G
-    samples, a lean decode loop; same tokens as "hf" for the same seed) or "hf" (transformers
-    generate)."""
+    samples, a lean decode loop; same tokens as "hf" for the same seed), "static" (the same with
+    fixed-shape decode steps over a static KV cache; sdpa/eager attention), "compiled" ("static"
+    with the decode step under torch.compile: CUDA graphs on a GPU; compiles on first use; not
+    with ZeRO-3) or "hf" (transformers generate)."""
 
 
 @dataclass

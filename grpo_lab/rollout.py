@@ -31,13 +31,20 @@ Backends sit behind the narrow :class:`RolloutBackend` protocol and are named in
 - ``"shared_prefix"``, :class:`SharedPrefixBackend`: each distinct prompt is prefilled once and
   its KV cache shared by its G samples; a lean decode loop without ``generate``'s per-token
   machinery.
+- ``"static"``, :class:`StaticCacheBackend`: the shared-prefix prefill, then decode steps of one
+  fixed shape over a static KV cache with a ready-made 4D mask.
+- ``"compiled"``: ``"static"`` with the decode step under ``torch.compile`` (CUDA graphs on a
+  GPU).
+
+A vLLM-style engine plugs in the same way: anything with :class:`RolloutBackend`'s ``generate``
+can be passed as ``backend=``.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
@@ -395,11 +402,8 @@ class SharedPrefixBackend(_ChunkedBackend):
     (``past_key_values`` is its deprecated alias). A model that ignores the cache must then
     depend on the last token only (the test mocks do).
 
-    NOTE: a static-shape decode step for ``torch.compile(mode="reduce-overhead")`` (CUDA graphs)
-    is not implemented: it could not be checked on a GPU here. The seam for it is
-    :meth:`decode_step`, which receives the prefilled, repeated cache; from then on its
-    preallocated buffers keep fixed addresses, so a subclass can attend over the whole buffer
-    with a fixed-width mask and replay a captured step.
+    Subclasses change the decode step through :meth:`decoder` (it receives the prefilled cache
+    and returns the per-token step); :class:`StaticCacheBackend` is one.
     """
 
     def __init__(self, sampler: str = "multinomial"):
@@ -413,27 +417,21 @@ class SharedPrefixBackend(_ChunkedBackend):
         d, g = decoding, decoding.group_size
         device = next(lm.parameters()).device
         prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompt_tokens, d.pad_id))
-        p, n = prompt_ids.shape[1], prompt_ids.shape[0] * g
-        cache = _preallocated_cache(lm, capacity=p + d.max_new_tokens)
+        n = prompt_ids.shape[0] * g
+        cache = _preallocated_cache(lm, capacity=prompt_ids.shape[1] + d.max_new_tokens)
         keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(lm) else {}
         logits = _last_logits(  # [b, V]
             lm, prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask), cache, **keep
         )
-        cache.batch_repeat_interleave(g)
         logits = logits.repeat_interleave(g, dim=0)  # [n, V]
-        # Every step's mask is a prefix of this one: rows keep attending after their EOS, as
-        # generate does; those positions are masked out of the returned completion.
-        full_mask = torch.cat(  # [n, P + max_new_tokens]
-            [prompt_mask.repeat_interleave(g, dim=0), prompt_mask.new_ones(n, d.max_new_tokens)],
-            dim=1,
-        )
+        step_fn = self.decoder(lm, cache, prompt_mask, d)
         eos = torch.tensor(d.eos_ids, dtype=torch.long, device=device)  # [E]
         stop_on_eos = eos.numel() > 0 and not d.ignore_eos
         unfinished = torch.ones(n, dtype=torch.bool, device=device)  # [n]
         tokens, logps = [], []  # each [n]
         for step in range(d.max_new_tokens):
             if step > 0:
-                logits = self.decode_step(lm, tokens[-1], full_mask[:, : p + step], cache)
+                logits = step_fn(tokens[-1], step)
             token, logp = choose_tokens(logits, d, sampler=self.sampler)
             tokens.append(torch.where(unfinished, token, d.pad_id))
             logps.append(logp)
@@ -446,6 +444,30 @@ class SharedPrefixBackend(_ChunkedBackend):
         prompt_mask = prompt_mask.repeat_interleave(g, dim=0)
         return _finish_chunk(prompt_ids, prompt_mask, completion, torch.stack(logps, dim=1), d)
 
+    def decoder(
+        self,
+        lm: nn.Module,
+        cache: DynamicCache,  # prefilled with the b prompts
+        prompt_mask: Tensor,  # [b, P] long
+        decoding: Decoding,
+    ) -> Callable[[Tensor, int], Tensor]:
+        """Repeat the prefilled cache to the n = b*G rows and return ``step(last_tokens [n],
+        s) -> [n, V]`` float32 logits for completion token s (s >= 1), fed token s-1."""
+        g, p = decoding.group_size, prompt_mask.shape[1]
+        cache.batch_repeat_interleave(g)
+        # Every step's mask is a prefix of this one: rows keep attending after their EOS, as
+        # generate does; those positions are masked out of the returned completion.
+        full_mask = torch.cat(  # [n, P + max_new_tokens]
+            [
+                prompt_mask.repeat_interleave(g, dim=0),
+                prompt_mask.new_ones(prompt_mask.shape[0] * g, decoding.max_new_tokens),
+            ],
+            dim=1,
+        )
+        return lambda last_tokens, s: self.decode_step(
+            lm, last_tokens, full_mask[:, : p + s], cache
+        )
+
     def decode_step(
         self,
         lm: nn.Module,
@@ -456,6 +478,205 @@ class SharedPrefixBackend(_ChunkedBackend):
         """One cached forward of the last sampled tokens."""
         positions = attention_mask.sum(dim=1, keepdim=True) - 1  # [n, 1] == (cumsum - 1)[:, -1:]
         return _last_logits(lm, last_tokens[:, None], attention_mask, positions, cache)
+
+
+class StaticCacheBackend(SharedPrefixBackend):
+    """The shared-prefix engine with fixed-shape decode steps, ready for ``torch.compile`` and
+    CUDA graphs.
+
+    Prefill is the shared-prefix one (eager: prompt lengths vary). Its keys/values are then
+    copied, repeated G times, into a static cache of ``capacity`` = P + max_new_tokens rounded
+    up to a multiple of ``capacity_multiple`` positions (:class:`StaticSlotLayer`). Every decode
+    step then has the same shapes and buffers: input ids [n, 1], position ids [n, 1], a
+    ready-made 4D attention mask [n, 1, 1, capacity] over the whole buffer (true on real prompt
+    tokens and on the positions written so far; transformers' own mask construction, a large
+    share of a small model's per-token Python time, is skipped), and the cache, which each
+    layer writes at its cursor in place. Attention runs over all ``capacity`` slots (masked
+    ones count nothing), trading a little arithmetic for a step whose shapes never change.
+
+    Args:
+        sampler: as for :class:`SharedPrefixBackend`.
+        compile: run the decode step through ``torch.compile``: ``mode="reduce-overhead"``
+            (CUDA graphs: one replay per token, no per-kernel launch cost) on CUDA, the default
+            inductor mode elsewhere. The first call per (model, rows, capacity) compiles; the
+            cache buffers are then kept between calls (fixed addresses, as CUDA graphs need),
+            costing 2 x layers x n x kv_heads x capacity x head_dim elements of memory while
+            training runs. Not for ZeRO-3 (parameters are gathered per rollout, their storage
+            changes).
+        capacity_multiple: rounding of the cache length, so prompts of slightly different
+            lengths reuse one compiled step.
+
+    Same tokens, masks and log-probs as the other backends (tested against ``"hf"``: greedy
+    tokens identical, sampled tokens identical on exact logits, log-probs to float tolerance).
+    Supports the ``sdpa`` and ``eager`` attention implementations, which take a ready 4D mask;
+    others raise a ``ValueError``.
+    """
+
+    def __init__(
+        self, sampler: str = "multinomial", compile: bool = False, capacity_multiple: int = 32
+    ):
+        super().__init__(sampler)
+        if capacity_multiple < 1:
+            raise ValueError(f"capacity_multiple must be >= 1, got {capacity_multiple}")
+        self.compile = compile
+        self.capacity_multiple = capacity_multiple
+        self._compiled_forward: Callable | None = None
+        self._kept: tuple[tuple, DynamicCache] | None = None  # (key, cache) when compiling
+
+    def generate_chunk(
+        self, lm: nn.Module, prompt_tokens: list[list[int]], decoding: Decoding
+    ) -> RolloutBatch:
+        _attention_mask_4d(lm, torch.ones(1, 1, 1, 1, dtype=torch.bool))  # fail before prefill
+        return super().generate_chunk(lm, prompt_tokens, decoding)
+
+    def decoder(
+        self,
+        lm: nn.Module,
+        cache: DynamicCache,  # prefilled with the b prompts
+        prompt_mask: Tensor,  # [b, P] long
+        decoding: Decoding,
+    ) -> Callable[[Tensor, int], Tensor]:
+        g, p = decoding.group_size, prompt_mask.shape[1]
+        n = prompt_mask.shape[0] * g
+        capacity = -(-(p + decoding.max_new_tokens) // self.capacity_multiple)
+        capacity *= self.capacity_multiple
+        static = self._static_cache(lm, cache, n, capacity)
+        for layer, prefilled in zip(static.layers, cache.layers, strict=True):
+            if isinstance(layer, StaticSlotLayer):
+                layer.load_prefix(prefilled.keys, prefilled.values, repeats=g)
+        attend = torch.zeros(n, 1, 1, capacity, dtype=torch.bool, device=prompt_mask.device)
+        attend[:, 0, 0, :p] = prompt_mask.repeat_interleave(g, dim=0).bool()
+        mask = _attention_mask_4d(lm, attend)  # [n, 1, 1, capacity], updated in place
+        open_value = mask.new_ones(()) if mask.dtype == torch.bool else mask.new_zeros(())
+        # Position of the token fed at step s: (real prompt tokens) + s - 1.
+        positions = prompt_mask.sum(dim=1).repeat_interleave(g)[:, None] - 1  # [n, 1]
+        forward = self._forward()
+
+        def step(last_tokens: Tensor, s: int) -> Tensor:  # [n] -> [n, V]
+            mask[:, :, :, p + s - 1] = open_value  # the slot the fed token is written to
+            positions.add_(1)
+            return forward(lm, last_tokens[:, None], mask, positions, static)
+
+        return step
+
+    def _forward(self) -> Callable:
+        if not self.compile:
+            return _last_logits
+        if self._compiled_forward is None:
+            on_cuda = torch.cuda.is_available()
+            compiled = torch.compile(
+                _last_logits, mode="reduce-overhead" if on_cuda else None, dynamic=False
+            )
+
+            def forward(*args) -> Tensor:
+                if on_cuda:  # each replay may overwrite the last one's outputs: clone them
+                    torch.compiler.cudagraph_mark_step_begin()
+                    return compiled(*args).clone()
+                return compiled(*args)
+
+            self._compiled_forward = forward
+        return self._compiled_forward
+
+    def _static_cache(
+        self, lm: nn.Module, prefilled: DynamicCache, n: int, capacity: int
+    ) -> DynamicCache:
+        """A cache with one :class:`StaticSlotLayer` per prefilled layer (layers the model
+        left empty stay as they are). Compiled steps reuse the last one with the same layout."""
+        layout = tuple(
+            (tuple(layer.keys.shape[1:]), tuple(layer.values.shape[1:]), layer.keys.dtype)
+            if layer.is_initialized
+            else None
+            for layer in prefilled.layers
+        )
+        device = next(lm.parameters()).device
+        key = (id(lm), n, capacity, layout, device)
+        if self.compile and self._kept is not None and self._kept[0] == key:
+            return self._kept[1]
+        static = DynamicCache(config=getattr(lm, "config", None))
+        static.layers = [
+            StaticSlotLayer(n, capacity, spec, device) if spec is not None else layer
+            for spec, layer in zip(layout, prefilled.layers, strict=True)
+        ]
+        if self.compile:
+            self._kept = (key, static)
+        return static
+
+
+class StaticSlotLayer(DynamicLayer):
+    """A KV cache layer of fixed shape [n, heads, capacity, head_dim] written at a cursor.
+
+    ``update`` writes the new keys/values at positions ``cursor, cursor+1, ...`` in place and
+    returns the WHOLE buffers, so attention always sees ``capacity`` positions and the caller's
+    4D mask hides the unwritten ones. The cursor is a 0-dim tensor advanced in place, so a
+    captured step (CUDA graph) replays correctly. Buffers start at zero: a masked slot then never
+    holds a non-finite value that could leak through ``0 * inf`` in attention.
+    """
+
+    is_compileable = True
+
+    def __init__(
+        self,
+        n: int,
+        capacity: int,
+        spec: tuple[tuple[int, ...], tuple[int, ...], torch.dtype],
+        device: torch.device,
+    ):
+        super().__init__()
+        (k_shape, v_shape, dtype), self.capacity = spec, capacity
+        self.keys = torch.zeros(n, k_shape[0], capacity, k_shape[2], dtype=dtype, device=device)
+        self.values = torch.zeros(n, v_shape[0], capacity, v_shape[2], dtype=dtype, device=device)
+        self.cursor = torch.zeros((), dtype=torch.long, device=device)
+        self.device, self.is_initialized = device, True
+        if not torch.compiler.is_compiling():  # fixed addresses: no graph break, no re-capture
+            for t in (self.keys, self.values, self.cursor):
+                torch._dynamo.mark_static_address(t)
+
+    def load_prefix(
+        self,
+        keys: Tensor,  # [b, heads, P, head_dim]
+        values: Tensor,  # [b, heads, P, head_dim]
+        repeats: int,
+    ) -> None:
+        """Copy a prefilled prompt cache, each row repeated ``repeats`` times; cursor = P."""
+        length = keys.shape[2]
+        if length > self.capacity:
+            raise RuntimeError(f"KV cache of {self.capacity} positions cannot hold {length}")
+        self.keys[:, :, :length] = keys.repeat_interleave(repeats, dim=0)
+        self.values[:, :, :length] = values.repeat_interleave(repeats, dim=0)
+        self.cursor.fill_(length)
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args, **kwargs
+    ) -> tuple[Tensor, Tensor]:
+        slots = self.cursor + torch.arange(key_states.shape[-2], device=self.cursor.device)
+        self.keys.index_copy_(2, slots, key_states)
+        self.values.index_copy_(2, slots, value_states)
+        self.cursor.add_(key_states.shape[-2])
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.capacity
+
+    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
+        return self.capacity, 0
+
+
+def _attention_mask_4d(lm: nn.Module, attend: Tensor) -> Tensor:  # [n,1,1,L] bool -> same shape
+    """The ready-made 4D mask the model's attention implementation takes: boolean (true =
+    attend) for ``sdpa``, additive float (0 / dtype minimum) for ``eager``."""
+    config = getattr(lm, "config", None)
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    if impl == "sdpa":
+        return attend
+    if impl == "eager":
+        dtype = next(lm.parameters()).dtype
+        return torch.zeros(attend.shape, dtype=dtype, device=attend.device).masked_fill(
+            ~attend, torch.finfo(dtype).min
+        )
+    raise ValueError(
+        f"backend: the static-cache engine supports the 'sdpa' and 'eager' attention "
+        f"implementations, not {impl!r}; use backend 'shared_prefix'"
+    )
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -532,6 +753,8 @@ def _preallocated_cache(lm: nn.Module, capacity: int) -> DynamicCache:
 ROLLOUT_BACKENDS: dict[str, RolloutBackend] = {
     "hf": HFGenerateBackend(),
     "shared_prefix": SharedPrefixBackend(),
+    "static": StaticCacheBackend(),
+    "compiled": StaticCacheBackend(compile=True),
 }
 
 

@@ -43,7 +43,7 @@ from grpo_lab.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from grpo_lab.config import Config, save_config
+from grpo_lab.config import Config, ConfigError, save_config
 from grpo_lab.data import PromptSampler, load_problems, render_prompt
 from grpo_lab.evaluation import evaluate
 from grpo_lab.harness import (
@@ -121,6 +121,13 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
 
+        if cfg.rollout.backend == "compiled" and self.zero_stage == 3:
+            raise ConfigError(
+                "rollout.backend 'compiled' cannot run under DeepSpeed ZeRO-3 (the parameters "
+                "are re-gathered for every rollout, so a compiled step's weights would move); "
+                "use 'static' or 'shared_prefix'",
+                ["rollout.backend"],
+            )
         self.is_ppo = cfg.algorithm == "ppo"
         self.value_mode = cfg.ppo.value if self.is_ppo else None
         self._build_data()

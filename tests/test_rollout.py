@@ -98,6 +98,8 @@ IDS_TOKENIZER = SimpleNamespace(pad_token_id=PAD, eos_token_id=EOS)
         pytest.param(
             rollout.SharedPrefixBackend(sampler="inverse_cdf"), id="shared_prefix-inverse_cdf"
         ),
+        "static",
+        pytest.param(rollout.StaticCacheBackend(capacity_multiple=1), id="static-exact"),
     ]
 )
 def backend(request):
@@ -548,10 +550,12 @@ def test_bad_input_raises_naming_the_field(kwargs, field, backend):
 # ---------------------------------------------------------------------------------------------
 
 
-def both_backends(model, prompts, **kwargs) -> tuple[RolloutBatch, RolloutBatch]:
-    """(hf, shared_prefix) rollouts of the same call, each from global seed 0."""
+def both_backends(
+    model, prompts, fast="shared_prefix", **kwargs
+) -> tuple[RolloutBatch, RolloutBatch]:
+    """(hf, fast) rollouts of the same call, each from global seed 0."""
     out = []
-    for name in ("hf", "shared_prefix"):
+    for name in ("hf", fast):
         torch.manual_seed(0)
         out.append(generate(model, IDS_TOKENIZER, prompts, backend=name, **kwargs))
     return out[0], out[1]
@@ -572,14 +576,16 @@ RAGGED_PROMPTS = [[3, 4, 5, 6, 7], [8], [9, 10, 11], [12, 13]]
 LIVELY = {"qwen2": (tiny_qwen, 2), "gpt2": (tiny_gpt2, 17)}
 
 
+@pytest.mark.parametrize("fast", ["shared_prefix", "static"])
 @pytest.mark.parametrize("ignore_eos", [False, True])
 @pytest.mark.parametrize("batch_size", [None, 6])
 @pytest.mark.parametrize("arch", sorted(LIVELY))
-def test_greedy_shared_prefix_matches_generate(arch, batch_size, ignore_eos):
+def test_greedy_fast_engines_match_generate(arch, batch_size, ignore_eos, fast):
     make_model, eos = LIVELY[arch]
     hf, fast = both_backends(
         make_model(initializer_range=0.5),
         RAGGED_PROMPTS,
+        fast,
         group_size=3,
         max_new_tokens=10,
         temperature=0.0,
@@ -595,9 +601,10 @@ def test_greedy_shared_prefix_matches_generate(arch, batch_size, ignore_eos):
         assert fast.completion_lengths.min() < 10
 
 
+@pytest.mark.parametrize("fast", ["shared_prefix", "static"])
 @pytest.mark.parametrize("ignore_eos", [False, True])
 @pytest.mark.parametrize("batch_size", [None, 8])
-def test_backends_sample_identical_tokens_on_exact_logits(batch_size, ignore_eos):
+def test_backends_sample_identical_tokens_on_exact_logits(batch_size, ignore_eos, fast):
     """A Markov model's logits are a table lookup, bitwise equal in both backends, and both
     consume the RNG in the same order (one multinomial draw over all rows per step), so the
     same seed must give the same tokens: this pins the warper order temperature -> top-k ->
@@ -608,6 +615,7 @@ def test_backends_sample_identical_tokens_on_exact_logits(batch_size, ignore_eos
     hf, fast = both_backends(
         markov(table),
         [[1, 2, 3], [4], [5, 6], [2]],
+        fast,
         group_size=4,
         max_new_tokens=12,
         temperature=0.8,
@@ -708,6 +716,82 @@ def test_prompt_is_prefilled_once_per_group():
     assert calls == [(3, 2)] + [(12, 1)] * 4
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", sorted(LIVELY))
+def test_static_cache_samples_what_generate_samples(arch, attn):
+    """Real attention over a static buffer (masked empty slots, a 4D mask per implementation):
+    the same seed gives the same sampled tokens as generate, log-probs to float tolerance."""
+    make_model, eos = LIVELY[arch]
+    model = make_model(initializer_range=0.5)
+    model.config._attn_implementation = attn
+    hf, fast = both_backends(
+        model, RAGGED_PROMPTS, "static", group_size=3, max_new_tokens=10, eos_token_id=eos
+    )
+    assert_same_rollout(hf, fast)
+    assert fast.truncated.any() and not fast.truncated.all()
+
+
+def test_static_cache_decode_steps_have_one_shape():
+    """After the prefill, every decode step sees the same input shapes: ids [n, 1], a 4D mask
+    over the whole rounded-up buffer, and cache layers of that length."""
+    model = tiny_qwen(initializer_range=0.5)
+    shapes = []
+
+    def record(module, args, kwargs):
+        mask, cache = kwargs["attention_mask"], kwargs["cache"]
+        keys = cache.layers[0].keys.shape if cache.layers[0].is_initialized else None
+        shapes.append((tuple(kwargs["input_ids"].shape), tuple(mask.shape), mask.dtype, keys))
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
+    generate(
+        model,
+        IDS_TOKENIZER,
+        RAGGED_PROMPTS,
+        group_size=3,
+        max_new_tokens=10,
+        eos_token_id=2,
+        ignore_eos=True,
+        backend=rollout.StaticCacheBackend(capacity_multiple=8),
+    )
+    # prefill: 4 prompts of P=5 with a 2D mask; then 9 steps over 16 = ceil((5+10)/8)*8 slots
+    assert shapes[0][:2] == ((4, 5), (4, 5))
+    step = ((12, 1), (12, 1, 1, 16), torch.bool, (12, 2, 16, 8))
+    assert shapes[1:] == [step] * 9
+
+
+def test_static_cache_rejects_other_attention_implementations():
+    model = tiny_qwen()
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match=r"'sdpa' and 'eager'.*'flash_attention_2'"):
+        generate(model, IDS_TOKENIZER, [[3, 4]], group_size=2, max_new_tokens=3, backend="static")
+
+
+def test_static_slot_layer_writes_at_its_cursor():
+    layer = rollout.StaticSlotLayer(2, 5, ((1, 5, 3), (1, 5, 3), torch.float32), "cpu")
+    prefix = torch.arange(6.0).reshape(1, 1, 2, 3)  # b=1 row, 2 positions
+    layer.load_prefix(prefix, -prefix, repeats=2)
+    keys, values = layer.update(torch.full((2, 1, 1, 3), 9.0), torch.full((2, 1, 1, 3), -9.0))
+    assert keys.shape == (2, 1, 5, 3) and int(layer.cursor) == 3
+    expected = torch.zeros(2, 1, 5, 3)
+    expected[:, :, :2] = prefix  # both rows got the prompt's keys
+    expected[:, :, 2] = 9.0
+    assert torch.equal(keys, expected) and torch.equal(values, -expected)
+    assert layer.get_mask_sizes(1) == (5, 0)
+
+
+@pytest.mark.slow
+def test_compiled_static_step_matches_generate_across_calls():
+    """torch.compile (inductor on CPU; CUDA graphs on a GPU) must not change the rollout; the
+    kept cache buffers are reused by a second call with other prompts without stale state."""
+    model = tiny_qwen(initializer_range=0.5)
+    compiled = rollout.StaticCacheBackend(compile=True, capacity_multiple=16)
+    for prompts in (RAGGED_PROMPTS, [[5, 6, 7, 8], [9], [3, 3, 3], [4, 4]]):
+        hf, fast = both_backends(
+            model, prompts, compiled, group_size=3, max_new_tokens=10, eos_token_id=2
+        )
+        assert_same_rollout(hf, fast)
+
+
 def test_shared_prefix_with_peft_lora():
     from grpo_lab.models import apply_lora
 
@@ -754,7 +838,8 @@ def test_backend_object_and_unknown_name():
     batch = generate(*args, group_size=2, max_new_tokens=8, backend=fast)
     assert batch.completion_ids[0].tolist() == [5, 6, EOS]
     with pytest.raises(
-        ValueError, match=r"backend: 'vllm' is not one of \['hf', 'shared_prefix'\]"
+        ValueError,
+        match=r"backend: 'vllm' is not one of \['compiled', 'hf', 'shared_prefix', 'static'\]",
     ):
         generate(*args, group_size=2, max_new_tokens=8, backend="vllm")
 
