@@ -286,6 +286,11 @@ class TrainerConfig:
     """Do not run forward/backward for sequences whose advantage is 0 everywhere (GRPO groups
     with identical rewards): their gradient is exactly zero. Applies to GRPO on one process with
     no KL-in-loss or entropy term; the update is identical either way."""
+    share_prompts: bool = True
+    """Run each distinct prompt once per training / scoring forward and share its keys and
+    values with the rows that sampled it (same outputs and gradients as the full forward;
+    prompt compute / G). Used with eager or sdpa attention; other implementations fall back to
+    the full forward."""
     cpu_threads: int | None = None
     """Threads torch may use on CPU; null = torch's default. Tiny models run fastest on 1, and
     several threads on a busy machine can be many times slower than one."""

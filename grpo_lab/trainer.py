@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+from transformers import PreTrainedModel
 
 from grpo_lab import algos
 from grpo_lab.checkpoint import (
@@ -54,6 +55,7 @@ from grpo_lab.harness import (
     model_footprint,
 )
 from grpo_lab.models import (
+    SHARED_PROMPT_ATTENTION,
     PolicyWithValueHead,
     apply_lora,
     completion_forward,
@@ -61,6 +63,7 @@ from grpo_lab.models import (
     load_critic,
     load_reference,
     load_tokenizer,
+    shared_prompt_completion_forward,
 )
 from grpo_lab.rewards import score_batch
 from grpo_lab.rollout import (
@@ -128,6 +131,7 @@ class Trainer:
                 "use 'static' or 'shared_prefix'",
                 ["rollout.backend"],
             )
+        self._attn_cache: dict[int, str | None] = {}
         self.is_ppo = cfg.algorithm == "ppo"
         self.value_mode = cfg.ppo.value if self.is_ppo else None
         self._build_data()
@@ -363,14 +367,30 @@ class Trainer:
         return mean, var.clamp(min=0)
 
     def _forward(self, model, batch: RolloutBatch, *, entropy: bool = False):
+        kwargs = {"temperature": self.cfg.rollout.temperature, "compute_entropy": entropy}
+        if self.cfg.trainer.share_prompts and self._attention(model) in SHARED_PROMPT_ATTENTION:
+            try:
+                return shared_prompt_completion_forward(
+                    model,
+                    batch.prompt_ids,
+                    batch.prompt_mask,
+                    batch.completion_ids,
+                    batch.completion_mask,
+                    **kwargs,
+                )
+            except ValueError as err:
+                raise ValueError(f"{err} (or set trainer.share_prompts=false)") from err
         return completion_forward(
-            model,
-            batch.input_ids,
-            batch.attention_mask,
-            batch.completion_len,
-            temperature=self.cfg.rollout.temperature,
-            compute_entropy=entropy,
+            model, batch.input_ids, batch.attention_mask, batch.completion_len, **kwargs
         )
+
+    def _attention(self, model) -> str | None:
+        """The attention implementation of the transformers model inside ``model``'s wrappers."""
+        if id(model) not in self._attn_cache:
+            inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+            impl = None if inner is None else inner.config._attn_implementation
+            self._attn_cache[id(model)] = impl
+        return self._attn_cache[id(model)]
 
     def _no_grad_forward(self, model, batch: RolloutBatch, *wants: str) -> tuple[torch.Tensor, ...]:
         """Completion log-probs and/or values ([N, C] each) for the whole batch, micro-batch by

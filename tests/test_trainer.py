@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from grpo_lab import trainer as trainer_module
 from grpo_lab.config import load_config
 from grpo_lab.harness import MetricsWriter
 from grpo_lab.tiny import build_model, build_tokenizer
@@ -430,3 +431,56 @@ def test_skipping_zero_advantage_rows_leaves_the_update_unchanged(tiny_model_dir
     torch.testing.assert_close(results[True][0], results[False][0])
     for a, b in zip(results[True][1], results[False][1], strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_shared_prompt_forward_leaves_the_update_unchanged(
+    objective, tiny_model_dir, tmp_path, monkeypatch
+):
+    """trainer.share_prompts runs each prompt once per micro-batch (its G rows share its keys
+    and values): the same old/reference log-probs, values, loss and gradients as the full
+    forward, with micro-batches that cut groups in half."""
+    cfg = small_config(
+        tiny_model_dir,
+        tmp_path,
+        *OBJECTIVES[objective],
+        "trainer.micro_batch_size=2",
+        "trainer.epochs=2",
+        "loss.kl_coef=0.1",
+    )
+    trainer = Trainer(cfg)
+    trainer.harness.start_step()
+    torch.manual_seed(5)
+    batch = trainer._rollout([p.question for p in trainer.sampler.next_batch()])
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0])
+    idx = torch.arange(batch.num_sequences)
+    models = [trainer.policy] + ([trainer.critic] if trainer.critic is not None else [])
+    calls = []
+    shared_forward = trainer_module.shared_prompt_completion_forward
+    monkeypatch.setattr(
+        trainer_module,
+        "shared_prompt_completion_forward",
+        lambda *a, **k: calls.append(1) or shared_forward(*a, **k),
+    )
+    results = {}
+    for share in (False, True):
+        assert not calls  # nothing shared while share_prompts was off
+        trainer.cfg.trainer.share_prompts = share
+        exp = trainer._make_experience(batch, rewards)
+        for m in models:
+            m.zero_grad(set_to_none=True)
+        totals, _ = trainer.accumulate_gradients(exp, idx)
+        results[share] = (exp, totals["loss/total"], [g for m in models for g in _grads(m)])
+    (exp_full, loss_full, grads_full), (exp_shared, loss_shared, grads_shared) = (
+        results[False],
+        results[True],
+    )
+    for name in ("old_logp", "ref_logp", "old_values", "advantages", "returns"):
+        full, shared = getattr(exp_full, name), getattr(exp_shared, name)
+        if full is not None:
+            torch.testing.assert_close(shared, full, msg=name)
+    torch.testing.assert_close(loss_shared, loss_full)
+    assert calls  # the shared path did run
+    assert any(g.abs().sum() > 0 for g in grads_full)
+    for shared, full in zip(grads_shared, grads_full, strict=True):
+        torch.testing.assert_close(shared, full)
