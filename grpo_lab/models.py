@@ -471,13 +471,16 @@ def token_logprobs(
     compute_entropy: bool = False,
     chunk_size: int = 1024,
     max_chunk_elements: int = 2**26,
+    min_recompute_elements: int = 2**20,
 ) -> tuple[Tensor, Tensor | None]:
     """Float32 log-prob of ``targets`` (and entropy) under softmax(logits / temperature).
 
     Works ``chunk_size`` positions at a time, fewer when N * positions * V would exceed
     ``max_chunk_elements``. Under autograd each chunk is checkpointed, so
     only the model's own logits are kept for backward and the float32 log-softmax of a chunk is
-    recomputed there; no [N, C, V] float32 tensor ever exists at once.
+    recomputed there; no [N, C, V] float32 tensor ever exists at once. Chunks of fewer than
+    ``min_recompute_elements`` elements (4 MiB in float32 by default) are kept instead: for
+    them checkpointing saves no memory worth its bookkeeping.
 
     Returns (logp [N, C] float32, entropy [N, C] float32 or None).
     """
@@ -501,7 +504,10 @@ def token_logprobs(
     logps, entropies = [], []
     for start in range(0, logits.shape[1], step):
         z, y = logits[:, start : start + step], targets[:, start : start + step]
-        logp, ent = checkpoint(chunk_fn, z, y, use_reentrant=False) if recompute else chunk_fn(z, y)
+        if recompute and z.numel() >= min_recompute_elements:
+            logp, ent = checkpoint(chunk_fn, z, y, use_reentrant=False)
+        else:
+            logp, ent = chunk_fn(z, y)
         logps.append(logp)
         entropies.append(ent)
     entropy = torch.cat(entropies, dim=1) if compute_entropy else None

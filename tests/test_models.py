@@ -164,13 +164,19 @@ def test_chunked_equals_unchunked(chunk_size):
     torch.testing.assert_close(chunked.entropy, whole.entropy)
 
 
-def test_token_logprobs_gradient_matches_plain_autograd():
-    """The checkpointed, chunked path must give the same gradient as plain autograd."""
+@pytest.mark.parametrize("min_recompute_elements", [0, 2**20])  # checkpointed / kept chunks
+def test_token_logprobs_gradient_matches_plain_autograd(min_recompute_elements):
+    """The chunked path, checkpointed or not, must give the same gradient as plain autograd."""
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 7, dtype=torch.float64).requires_grad_()
     targets = torch.randint(0, 7, (2, 5))
     logp, entropy = token_logprobs(
-        logits, targets, temperature=0.7, compute_entropy=True, chunk_size=2
+        logits,
+        targets,
+        temperature=0.7,
+        compute_entropy=True,
+        chunk_size=2,
+        min_recompute_elements=min_recompute_elements,
     )
     (logp.sum() + entropy.sum()).backward()
     chunked_grad = logits.grad.clone()
