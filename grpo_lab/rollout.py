@@ -389,6 +389,12 @@ class SharedPrefixBackend(_ChunkedBackend):
     mask 1, as ``generate`` does) and the loop stops once every row has emitted an EOS. The
     model's ``generation_config`` is never read.
 
+    Finished rows leave the decode batch: once the unfinished rows are at most ``compact_below``
+    of the rows being decoded, the others are dropped from the KV cache and the mask, so later
+    steps compute (and read the cache of) live rows only. Sampling still draws for all n rows
+    (dropped rows get placeholder logits and the pad id), so the random stream, and with it
+    every live row's token, is the same as without dropping.
+
     Args:
         sampler: how a token is drawn from the truncated distribution. ``"multinomial"``
             (default): ``torch.multinomial``, the same RNG use as ``generate``, so on bitwise
@@ -396,6 +402,8 @@ class SharedPrefixBackend(_ChunkedBackend):
             row located in the cumulative distribution (:func:`sample_inverse_cdf`); the same
             distribution from a different random stream, and much cheaper on CPU, where
             ``torch.multinomial`` draws one exponential variate per vocabulary entry.
+        compact_below: drop finished rows when the unfinished ones fall to this fraction of
+            the decode batch (0 = never; 1 = as soon as any row finishes).
 
     Models are called as ``lm(input_ids=, attention_mask=, position_ids=, cache=,
     use_cache=True[, logits_to_keep=1])``: transformers 5 names the KV-cache argument ``cache``
@@ -406,10 +414,13 @@ class SharedPrefixBackend(_ChunkedBackend):
     and returns the per-token step); :class:`StaticCacheBackend` is one.
     """
 
-    def __init__(self, sampler: str = "multinomial"):
+    def __init__(self, sampler: str = "multinomial", compact_below: float = 0.75):
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler: {sampler!r} is not one of {sorted(SAMPLERS)}")
+        if not 0.0 <= compact_below <= 1.0:
+            raise ValueError(f"compact_below: must be in [0, 1], got {compact_below}")
         self.sampler = sampler
+        self.compact_below = compact_below
 
     def generate_chunk(
         self, lm: nn.Module, prompt_tokens: list[list[int]], decoding: Decoding
@@ -428,17 +439,27 @@ class SharedPrefixBackend(_ChunkedBackend):
         eos = torch.tensor(d.eos_ids, dtype=torch.long, device=device)  # [E]
         stop_on_eos = eos.numel() > 0 and not d.ignore_eos
         unfinished = torch.ones(n, dtype=torch.bool, device=device)  # [n]
+        rows = None  # [m] the rows still decoded, ascending; None = all n
         tokens, logps = [], []  # each [n]
         for step in range(d.max_new_tokens):
             if step > 0:
-                logits = step_fn(tokens[-1], step)
+                fed = tokens[-1] if rows is None else tokens[-1][rows]
+                logits = step_fn(fed, step)  # [m, V]
+                if rows is not None:  # dropped rows: placeholder logits, their token is pad
+                    logits = logits.new_zeros(n, logits.shape[1]).index_copy_(0, rows, logits)
             token, logp = choose_tokens(logits, d, sampler=self.sampler)
             tokens.append(torch.where(unfinished, token, d.pad_id))
             logps.append(logp)
             if stop_on_eos:
                 unfinished &= ~torch.isin(tokens[-1], eos)
-                if not unfinished.any():  # one host sync per step, as in generate
+                alive = int(unfinished.sum())  # one host sync per step, as in generate
+                if alive == 0:
                     break
+                decoded = n if rows is None else rows.numel()
+                if alive <= self.compact_below * decoded and alive < decoded:
+                    live = unfinished if rows is None else unfinished[rows]  # [m]
+                    step_fn.keep(live.nonzero().squeeze(1))
+                    rows = unfinished.nonzero().squeeze(1)
         completion = torch.stack(tokens, dim=1)  # [n, C]
         prompt_ids = prompt_ids.repeat_interleave(g, dim=0)  # [n, P]
         prompt_mask = prompt_mask.repeat_interleave(g, dim=0)
@@ -450,10 +471,9 @@ class SharedPrefixBackend(_ChunkedBackend):
         cache: DynamicCache,  # prefilled with the b prompts
         prompt_mask: Tensor,  # [b, P] long
         decoding: Decoding,
-    ) -> Callable[[Tensor, int], Tensor]:
-        """Repeat the prefilled cache to the n = b*G rows and return ``step(last_tokens [n],
-        s) -> [n, V]`` float32 logits for completion token s (s >= 1), fed token s-1."""
-        g, p = decoding.group_size, prompt_mask.shape[1]
+    ) -> Decoder:
+        """Repeat the prefilled cache to the n = b*G rows and return the decode step."""
+        g = decoding.group_size
         cache.batch_repeat_interleave(g)
         # Every step's mask is a prefix of this one: rows keep attending after their EOS, as
         # generate does; those positions are masked out of the returned completion.
@@ -464,9 +484,7 @@ class SharedPrefixBackend(_ChunkedBackend):
             ],
             dim=1,
         )
-        return lambda last_tokens, s: self.decode_step(
-            lm, last_tokens, full_mask[:, : p + s], cache
-        )
+        return _CacheDecoder(self, lm, cache, full_mask, prompt_mask.shape[1])
 
     def decode_step(
         self,
@@ -478,6 +496,43 @@ class SharedPrefixBackend(_ChunkedBackend):
         """One cached forward of the last sampled tokens."""
         positions = attention_mask.sum(dim=1, keepdim=True) - 1  # [n, 1] == (cumsum - 1)[:, -1:]
         return _last_logits(lm, last_tokens[:, None], attention_mask, positions, cache)
+
+
+class Decoder(Protocol):
+    """A chunk's decode step, made by :meth:`SharedPrefixBackend.decoder`."""
+
+    def __call__(self, last_tokens: Tensor, s: int) -> Tensor:
+        """Token s-1 of the m rows being decoded ([m] long) -> [m, V] float32 logits for
+        completion token s (s >= 1)."""
+        ...
+
+    def keep(self, index: Tensor) -> None:
+        """Keep only rows ``index`` ([m'] long, ascending) of those being decoded; called only
+        by backends with ``compact_below > 0`` (a fixed-shape step need not have it)."""
+        ...
+
+
+class _CacheDecoder:
+    """Decode steps over the shared-prefix backend's growing cache (see :class:`Decoder`)."""
+
+    def __init__(
+        self,
+        backend: SharedPrefixBackend,
+        lm: nn.Module,
+        cache: DynamicCache,
+        full_mask: Tensor,  # [n, P + max_new_tokens] long
+        prompt_len: int,
+    ):
+        self.backend, self.lm, self.cache = backend, lm, cache
+        self.full_mask, self.prompt_len = full_mask, prompt_len
+
+    def __call__(self, last_tokens: Tensor, s: int) -> Tensor:  # [m] -> [m, V]
+        mask = self.full_mask[:, : self.prompt_len + s]
+        return self.backend.decode_step(self.lm, last_tokens, mask, self.cache)
+
+    def keep(self, index: Tensor) -> None:  # [m'] long
+        self.cache.batch_select_indices(index)
+        self.full_mask = self.full_mask[index]
 
 
 class StaticCacheBackend(SharedPrefixBackend):
@@ -515,7 +570,7 @@ class StaticCacheBackend(SharedPrefixBackend):
     def __init__(
         self, sampler: str = "multinomial", compile: bool = False, capacity_multiple: int = 32
     ):
-        super().__init__(sampler)
+        super().__init__(sampler, compact_below=0.0)  # fixed shapes: no row dropping
         if capacity_multiple < 1:
             raise ValueError(f"capacity_multiple must be >= 1, got {capacity_multiple}")
         self.compile = compile
@@ -535,7 +590,7 @@ class StaticCacheBackend(SharedPrefixBackend):
         cache: DynamicCache,  # prefilled with the b prompts
         prompt_mask: Tensor,  # [b, P] long
         decoding: Decoding,
-    ) -> Callable[[Tensor, int], Tensor]:
+    ) -> Decoder:
         g, p = decoding.group_size, prompt_mask.shape[1]
         n = prompt_mask.shape[0] * g
         capacity = -(-(p + decoding.max_new_tokens) // self.capacity_multiple)
@@ -720,6 +775,13 @@ class PreallocatedLayer(DynamicLayer):
 
     def get_seq_length(self) -> int:
         return self.length
+
+    def batch_select_indices(self, indices: Tensor) -> None:  # [m] long
+        if not self.is_initialized:
+            return
+        self._key_buffer = self._key_buffer[indices]
+        self._value_buffer = self._value_buffer[indices]
+        self._refresh_views()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if not self.is_initialized:

@@ -695,9 +695,22 @@ def test_truncated_sampling_distribution(sampling, allowed, backend):
     assert (empirical - expected).abs().max() < 0.02
 
 
-def test_prompt_is_prefilled_once_per_group():
+# Chain model, prompts [1, 2], [4], [6] x G=4 (rows 0-3, 4-7, 8-11): completions of 5, 3 and 1
+# tokens. Alive after steps 0..4: 8, 8, 4, 4, 0 rows. With compact_below=0.75 the 4 finished
+# rows go after step 0 (8 <= 0.75 * 12) and 4 more after step 2 (4 <= 0.75 * 8); with 0.5 only
+# after step 2 (4 <= 0.5 * 12); with 0 never.
+DECODE_SHAPES = {
+    0.0: [(12, 1)] * 4,
+    0.5: [(12, 1), (12, 1), (4, 1), (4, 1)],
+    0.75: [(8, 1), (8, 1), (4, 1), (4, 1)],
+}
+
+
+@pytest.mark.parametrize("compact_below", sorted(DECODE_SHAPES))
+def test_prompt_is_prefilled_once_and_finished_rows_leave(compact_below):
     """The shared-prefix backend's first forward holds the b distinct prompts, then one forward
-    of n = b*G single tokens per step; it stops once every row has emitted EOS."""
+    per step of the rows still decoding; it stops once every row has emitted EOS. Dropping
+    finished rows does not change any token."""
     model = chain_model()
     calls = []
     model.register_forward_pre_hook(
@@ -710,10 +723,30 @@ def test_prompt_is_prefilled_once_per_group():
         [[1, 2], [4], [6]],
         group_size=4,
         max_new_tokens=8,
-        backend="shared_prefix",
+        backend=rollout.SharedPrefixBackend(compact_below=compact_below),
     )
-    assert batch.completion_len == 5  # prompt [1, 2] -> 3, 4, 5, 6, EOS
-    assert calls == [(3, 2)] + [(12, 1)] * 4
+    assert calls == [(3, 2)] + DECODE_SHAPES[compact_below]
+    assert batch.completion_ids.tolist() == (
+        [[3, 4, 5, 6, EOS]] * 4 + [[5, 6, EOS, PAD, PAD]] * 4 + [[EOS, PAD, PAD, PAD, PAD]] * 4
+    )
+
+
+@pytest.mark.parametrize("compact_below", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("arch", sorted(LIVELY))
+def test_dropping_finished_rows_keeps_sampled_tokens(arch, compact_below):
+    """Real attention over a cache whose rows are dropped mid-way: same seed, same tokens and
+    log-probs as generate (which never drops rows)."""
+    make_model, eos = LIVELY[arch]
+    hf, fast = both_backends(
+        make_model(initializer_range=0.5),
+        RAGGED_PROMPTS * 2,
+        rollout.SharedPrefixBackend(compact_below=compact_below),
+        group_size=3,
+        max_new_tokens=10,
+        eos_token_id=eos,
+    )
+    assert_same_rollout(hf, fast)
+    assert fast.truncated.any() and not fast.truncated.all()
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
