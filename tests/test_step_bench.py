@@ -238,7 +238,12 @@ def test_w_preset_refuses_to_run_on_cpu_without_allow_cpu(capsys):
     assert "--allow-cpu" in capsys.readouterr().err
 
 
-def test_small_w_grpo_lab_step_has_fixed_length_completions(tmp_path):
+@pytest.mark.parametrize(
+    "backend", ["shared_prefix", "static", pytest.param("compiled", marks=pytest.mark.slow)]
+)
+def test_small_w_grpo_lab_step_has_fixed_length_completions(tmp_path, backend):
+    """W's code path (bf16, sdpa, gradient checkpointing, EOS suppressed) with each rollout
+    engine gpu_suite.sh times on W."""
     preset = _small_w_preset()
     workload = sb.prepare_workload(preset, tmp_path, total_steps=1, seed=0, w_shape=SMALL_SHAPE)
     result = sb.run_grpo_lab(
@@ -251,6 +256,7 @@ def test_small_w_grpo_lab_step_has_fixed_length_completions(tmp_path):
         workdir=tmp_path,
         seed=0,
         threads=1,
+        extra_overrides=[f"rollout.backend={backend}"],
     )
     assert result.completion_len == [4.0]
     assert len(result.step_s) == 1 and result.step_s[0] > 0
