@@ -2,12 +2,12 @@
 references, value alignment, gradient paths, critic independence, save/load, loaders, LoRA."""
 
 import pytest
+import tiny_models
 import torch
 from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import WordLevel
 from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
@@ -26,39 +26,12 @@ VOCAB = 20
 PAD = 0
 
 
-def tiny_config(**overrides) -> Qwen2Config:
-    kwargs = dict(
-        num_hidden_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        vocab_size=VOCAB,
-        tie_word_embeddings=True,
-        max_position_embeddings=64,
-    )
-    kwargs.update(overrides)
-    return Qwen2Config(**kwargs)
+def tiny_lm(seed: int = 0) -> PreTrainedModel:
+    return tiny_models.tiny_lm("qwen2", seed=seed)
 
 
-def tiny_lm(seed: int = 0) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(tiny_config()).eval()
-
-
-def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
-    """Absolute position embeddings: unlike RoPE, a constant position shift changes logits."""
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        n_layer=2,
-        n_embd=32,
-        n_head=4,
-        vocab_size=VOCAB,
-        n_positions=64,
-        bos_token_id=1,
-        eos_token_id=1,
-    )
-    return GPT2LMHeadModel(config).eval()
+def tiny_gpt2(seed: int = 0) -> PreTrainedModel:
+    return tiny_models.tiny_lm("gpt2", seed=seed)
 
 
 def ragged_batch(completion_len: int = 4):
@@ -344,7 +317,7 @@ def test_load_reference_is_frozen_eval(tmp_path):
 
 
 def test_random_init_causal_lm_dtype():
-    lm = models.random_init_causal_lm(tiny_config(), dtype="bfloat16")
+    lm = models.random_init_causal_lm(tiny_models.tiny_config(), dtype="bfloat16")
     assert {p.dtype for p in lm.parameters()} == {torch.bfloat16}
     assert lm.config.vocab_size == VOCAB
 
@@ -391,7 +364,6 @@ def test_lora_wrapped_lm_through_policy_and_completion_forward():
 
 def test_embedded_character_tokenizer_keeps_its_spaces(tmp_path):
     """A saved generic tokenizer.json is loaded as saved, not re-typed by the model type."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from grpo_lab.models import load_tokenizer
     from grpo_lab.tiny import build_tokenizer

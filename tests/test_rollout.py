@@ -11,18 +11,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny_models import tiny_lm
 from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import WordLevel
 from torch import nn
 from transformers import (
     GenerationMixin,
-    GPT2Config,
-    GPT2LMHeadModel,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
 )
 from transformers.modeling_outputs import CausalLMOutput
 
@@ -107,38 +104,12 @@ def backend(request):
     return request.param
 
 
-def tiny_qwen(seed: int = 0, initializer_range: float = 0.02) -> Qwen2ForCausalLM:
-    """A larger ``initializer_range`` (e.g. 0.5) gives peaked, varied greedy continuations; at
-    the default a random tiny model mostly repeats one token."""
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        num_hidden_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        vocab_size=20,
-        tie_word_embeddings=True,
-        max_position_embeddings=64,
-        initializer_range=initializer_range,
-    )
-    return Qwen2ForCausalLM(config).eval()
+def tiny_qwen(seed: int = 0, initializer_range: float = 0.02) -> PreTrainedModel:
+    return tiny_lm("qwen2", seed=seed, initializer_range=initializer_range)
 
 
-def tiny_gpt2(seed: int = 0, initializer_range: float = 0.02) -> GPT2LMHeadModel:
-    """Absolute position embeddings: unlike RoPE, a constant position shift changes logits."""
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        n_layer=2,
-        n_embd=32,
-        n_head=4,
-        vocab_size=20,
-        n_positions=64,
-        bos_token_id=1,
-        eos_token_id=1,
-        initializer_range=initializer_range,
-    )
-    return GPT2LMHeadModel(config).eval()
+def tiny_gpt2(seed: int = 0, initializer_range: float = 0.02) -> PreTrainedModel:
+    return tiny_lm("gpt2", seed=seed, initializer_range=initializer_range)
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:

@@ -6,8 +6,9 @@ checkpointing; the prompt pass really runs once per distinct prompt; clear error
 import functools
 
 import pytest
+import tiny_models
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, Qwen2Config
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from grpo_lab import models
 from grpo_lab.models import (
@@ -25,21 +26,16 @@ ATTNS = ("sdpa", "eager")
 
 
 def tiny_lm(arch: str = "qwen2", attn: str = "sdpa", seed: int = 0):
-    config_cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}[arch]
-    config = config_cls(
-        num_hidden_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
+    return tiny_models.tiny_lm(
+        arch,
+        seed=seed,
+        attn=attn,
         vocab_size=VOCAB,
-        max_position_embeddings=64,
         pad_token_id=PAD,
         bos_token_id=EOS,
         eos_token_id=EOS,
+        tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    return models.random_init_causal_lm(config, attn_implementation=attn).eval()
 
 
 def make_batch(prompts, rows, completion_lens, completion_len, seed=0):
@@ -259,12 +255,7 @@ def test_checkpointing_flag_is_restored_also_on_error():
 def test_absolute_position_model_without_checkpointing():
     """GPT-2 adds learned position embeddings: equality shows the completion pass continues
     the prompt's mask-derived positions."""
-    torch.manual_seed(0)
-    config = GPT2Config(
-        n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=EOS,
-        eos_token_id=EOS,
-    )  # fmt: skip
-    lm = GPT2LMHeadModel(config).eval()
+    lm = tiny_models.tiny_lm("gpt2", vocab_size=VOCAB, bos_token_id=EOS, eos_token_id=EOS)
     batch = make_batch(PROMPTS, completion_len=5, **SHUFFLED)
     with torch.no_grad():
         assert_same_outputs(*both(lm, batch, compute_entropy=True))
