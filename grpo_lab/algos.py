@@ -95,7 +95,12 @@ def _groups(rewards: Tensor, group_size: int) -> Tensor:
 
 @torch.no_grad()
 def group_advantages(
-    rewards: Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-6
+    rewards: Tensor,
+    group_size: int,
+    *,
+    scale: str = "group",
+    eps: float = 1e-6,
+    batch_std: Tensor | None = None,
 ) -> Tensor:
     """GRPO outcome advantages (Shao et al. 2024, DeepSeekMath eq. 3 and §4.1.2).
 
@@ -108,6 +113,8 @@ def group_advantages(
     GRPOTrainer compute them, so results compare directly with TRL (NOTE: TRL adds eps=1e-4;
     pass that to match it exactly).
     A group whose rewards are all identical gets advantage exactly 0 (also when G = 1).
+    ``batch_std`` (0-dim) replaces the ``"batch"`` standard deviation, e.g. by one over every
+    data-parallel rank's rewards, so that the result does not depend on how the batch is split.
     """
     if scale not in ADVANTAGE_SCALES:
         raise ValueError(f"scale must be one of {ADVANTAGE_SCALES}, got {scale!r}")
@@ -118,8 +125,10 @@ def group_advantages(
         var = (centred**2).sum(-1, keepdim=True) / max(group_size - 1, 1)  # [B, 1]
         centred = centred / (var.sqrt() + eps)
     elif scale == "batch":
-        var = ((rewards - rewards.mean()) ** 2).sum() / max(rewards.numel() - 1, 1)
-        centred = centred / (var.sqrt() + eps)
+        if batch_std is None:
+            var = ((rewards - rewards.mean()) ** 2).sum() / max(rewards.numel() - 1, 1)
+            batch_std = var.sqrt()
+        centred = centred / (batch_std + eps)
     # NOTE: the mean of identical floats can differ from them by an ulp; force an exact 0.
     return torch.where(identical, 0.0, centred).reshape(-1)
 
@@ -448,7 +457,7 @@ register_policy_loss("gspo")(gspo_loss)
 
 
 # Every estimator: (token_rewards [N, T], mask [N, T], values [N, T] | None, *, group_size,
-# gamma, lam, scale, eps) -> (advantages [N, T], returns [N, T]), both 0 at padding. Group
+# gamma, lam, scale, eps, batch_std) -> (advantages [N, T], returns [N, T]), both 0 at padding. Group
 # estimators score a sequence by the masked sum of its token rewards, broadcast the sequence
 # advantage over its valid tokens, ignore values/gamma/lam, and return returns == advantages.
 def _broadcast(seq_adv: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -467,10 +476,12 @@ def grpo_estimator(
     lam: float = 0.95,
     scale: str = "group",
     eps: float = 1e-6,
+    batch_std: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """GRPO: ``group_advantages`` of the sequence rewards with the given ``scale``."""
     rewards = masked_sum(token_rewards, mask, dim=-1)
-    return _broadcast(group_advantages(rewards, group_size, scale=scale, eps=eps), mask)
+    advantages = group_advantages(rewards, group_size, scale=scale, eps=eps, batch_std=batch_std)
+    return _broadcast(advantages, mask)
 
 
 @register_advantage_estimator("rloo")
@@ -484,8 +495,10 @@ def rloo_estimator(
     lam: float = 0.95,
     scale: str = "group",
     eps: float = 1e-6,
+    batch_std: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """RLOO: leave-one-out baseline within each group; ``scale`` and ``eps`` are ignored."""
+    """RLOO: leave-one-out baseline within each group; ``scale``, ``eps`` and ``batch_std`` are
+    ignored."""
     return _broadcast(rloo_advantages(masked_sum(token_rewards, mask, dim=-1), group_size), mask)
 
 
@@ -500,6 +513,7 @@ def gae_estimator(
     lam: float = 0.95,
     scale: str = "group",
     eps: float = 1e-6,
+    batch_std: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """GAE over token rewards with the critic's ``values``; groups play no part. Whitening the
     advantages, if wanted, is the caller's step (``whiten``)."""

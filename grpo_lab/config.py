@@ -225,7 +225,8 @@ class AdvantageConfig:
     estimator: str | None = None
     """Estimator, by name in algos.ADVANTAGE_ESTIMATORS; null = "grpo" for algorithm grpo, "gae" for ppo."""
     scale: Literal["group", "batch", "none"] = "group"
-    """Group estimators: divide by the reward std of the group, of the whole batch, or not at all."""
+    """Group estimators: divide by the reward std of the group, of the whole batch (all
+    processes), or not at all."""
     gamma: float = 1.0
     """GAE discount, in [0, 1]."""
     lam: float = 0.95

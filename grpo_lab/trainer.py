@@ -539,6 +539,11 @@ class Trainer:
             token_rewards = token_rewards - cfg.loss.kl_coef * kl * mask
 
         a = cfg.advantage
+        batch_std = None
+        if a.scale == "batch":  # the reward std of the whole batch, over every process
+            seq_rewards = (token_rewards * mask).sum(-1, keepdim=True)  # [N, 1]
+            batch_std = self._global_masked_stats(seq_rewards, torch.ones_like(seq_rewards))[1]
+            batch_std = batch_std.sqrt()
         estimator = algos.get_advantage_estimator(cfg.resolved_estimator())
         advantages, returns = estimator(
             token_rewards,
@@ -548,6 +553,7 @@ class Trainer:
             gamma=a.gamma,
             lam=a.lam,
             scale=a.scale,
+            batch_std=batch_std,
         )
         if cfg.resolved_whiten():
             advantages = algos.whiten(

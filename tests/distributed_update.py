@@ -24,7 +24,7 @@ from grpo_lab.rollout import RolloutBatch, gather_params_for_generation
 from grpo_lab.trainer import Trainer
 
 OBJECTIVES = {
-    "grpo": ["algorithm=grpo", "loss.kl_coef=0.05"],
+    "grpo": ["algorithm=grpo", "loss.kl_coef=0.05", "advantage.scale=batch"],
     "ppo_head": ["algorithm=ppo", "ppo.value=head"],
     "ppo_critic": ["algorithm=ppo", "ppo.value=critic"],
 }

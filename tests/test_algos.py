@@ -99,6 +99,19 @@ def test_group_advantages_by_hand():
     assert_close(out, t([b, -b, -b, b, 0, 0, 0, 0]))
 
 
+def test_batch_scale_with_the_whole_batch_std_does_not_depend_on_the_split():
+    """Two data-parallel halves, each given the std of all rewards (what the trainer passes
+    from its all-reduce), reproduce the one-batch advantages; each half's own std would not."""
+    rewards = t([1, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 1])  # 3 groups of 4
+    whole = group_advantages(rewards, 4, scale="batch")
+    std = rewards.std()  # unbiased, as group_advantages
+    halves = [rewards[:4], rewards[4:]]
+    split = torch.cat([group_advantages(h, 4, scale="batch", batch_std=std) for h in halves])
+    assert_close(split, whole)
+    own = torch.cat([group_advantages(h, 4, scale="batch") for h in halves])
+    assert not torch.allclose(own, whole)
+
+
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
 def test_identical_group_is_exactly_zero(scale):
     # In float32 the mean of seven 0.1s is 0.1 - 7.5e-9, which "group" would divide by eps=1e-6.
