@@ -180,6 +180,11 @@ class RolloutConfig:
     fixed-shape decode steps over a static KV cache; sdpa/eager attention), "compiled" ("static"
     with the decode step under torch.compile: CUDA graphs on a GPU; compiles on first use; not
     with ZeRO-3) or "hf" (transformers generate)."""
+    sampler: Literal["multinomial", "inverse_cdf"] = "multinomial"
+    """How grpo_lab's engines draw a token: "multinomial" (torch.multinomial, the same random
+    stream as transformers generate) or "inverse_cdf" (one uniform per row in the cumulative
+    distribution: the same distribution, another stream; much cheaper on CPU with large
+    vocabularies). Not with backend "hf"."""
 
 
 @dataclass
@@ -518,6 +523,12 @@ def _check_relations(cfg: Config, num_processes: int) -> None:
                 f"{key} is set but ppo.value is {cfg.ppo.value!r}; it only applies to 'critic'",
                 [key, "ppo.value"],
             )
+    if cfg.rollout.sampler != "multinomial" and cfg.rollout.backend == "hf":
+        raise ConfigError(
+            f"rollout.sampler {cfg.rollout.sampler!r} needs one of grpo_lab's own engines "
+            "(rollout.backend shared_prefix, static or compiled); 'hf' samples as generate does",
+            ["rollout.sampler", "rollout.backend"],
+        )
     if cfg.model.lora.r > 0 and not cfg.model.lora.target_modules:
         raise ConfigError(
             "model.lora.target_modules: must not be empty when model.lora.r > 0",

@@ -18,7 +18,7 @@ import torch
 
 from grpo_lab.data import Problem, render_prompt
 from grpo_lab.rewards import score_batch
-from grpo_lab.rollout import decode_completions, generate
+from grpo_lab.rollout import RolloutBackend, decode_completions, generate
 
 
 def _vote_key(answer: str) -> str:
@@ -52,11 +52,11 @@ def evaluate(
     system_prompt: str | None = None,
     batch_size: int = 256,
     timeout_s: float = 2.0,
-    backend: str = "hf",
+    backend: str | RolloutBackend = "hf",
 ) -> dict[str, float]:
     """Accuracy of `model` on `problems`.
 
-    `backend` names the rollout engine (:data:`grpo_lab.rollout.ROLLOUT_BACKENDS`).
+    `backend` is a rollout engine or its name in :data:`grpo_lab.rollout.ROLLOUT_BACKENDS`.
     Returns ``eval/greedy_acc`` always, and with ``k > 1`` also ``eval/pass@1`` (mean accuracy of
     k samples at `temperature`), ``eval/maj@k`` and ``eval/pass@k``.
     """

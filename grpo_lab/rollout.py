@@ -829,6 +829,28 @@ def resolve_backend(backend: str | RolloutBackend) -> RolloutBackend:
     return ROLLOUT_BACKENDS[backend]
 
 
+def build_backend(name: str, *, sampler: str = "multinomial") -> RolloutBackend:
+    """The engine named ``name`` (see :data:`ROLLOUT_BACKENDS`) drawing tokens with ``sampler``
+    (see :data:`SAMPLERS`): the registered instance for ``"multinomial"``, else a new engine of
+    the same kind and settings. ``"hf"`` samples as ``generate`` does and takes no other sampler.
+    """
+    backend = resolve_backend(name)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler: {sampler!r} is not one of {sorted(SAMPLERS)}")
+    if sampler == "multinomial":
+        return backend
+    if isinstance(backend, StaticCacheBackend):
+        return StaticCacheBackend(
+            sampler, compile=backend.compile, capacity_multiple=backend.capacity_multiple
+        )
+    if isinstance(backend, SharedPrefixBackend):
+        return SharedPrefixBackend(sampler, compact_below=backend.compact_below)
+    raise ValueError(
+        f"sampler: {sampler!r} needs one of grpo_lab's own engines (shared_prefix, static, "
+        f"compiled), not backend {name!r}"
+    )
+
+
 def generate(
     model: nn.Module,
     tokenizer: Any,

@@ -68,6 +68,7 @@ from grpo_lab.models import (
 from grpo_lab.rewards import score_batch
 from grpo_lab.rollout import (
     RolloutBatch,
+    build_backend,
     decode_completions,
     gather_params_for_generation,
     generate,
@@ -132,6 +133,7 @@ class Trainer:
                 ["rollout.backend"],
             )
         self._attn_cache: dict[int, str | None] = {}
+        self.rollout_backend = build_backend(cfg.rollout.backend, sampler=cfg.rollout.sampler)
         self.is_ppo = cfg.algorithm == "ppo"
         self.value_mode = cfg.ppo.value if self.is_ppo else None
         self._build_data()
@@ -499,7 +501,7 @@ class Trainer:
             top_k=r.top_k,
             ignore_eos=r.ignore_eos,
             batch_size=r.batch_size,
-            backend=r.backend,
+            backend=self.rollout_backend,
         )
         return batch.to(self.acc.device)
 
@@ -853,7 +855,7 @@ class Trainer:
                     system_prompt=cfg.data.system_prompt,
                     batch_size=cfg.rollout.batch_size or 256,
                     timeout_s=cfg.reward.timeout_s,
-                    backend=cfg.rollout.backend,
+                    backend=self.rollout_backend,
                 )
                 correct = res["eval/greedy_acc"] * len(local)
         s = self._global_sum(torch.tensor([correct, float(len(local))], device=self.acc.device))

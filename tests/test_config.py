@@ -346,6 +346,10 @@ def test_optional_bounds_skip_null():
             ["model.lora.r=8", "model.lora.target_modules=[]"],
             ["model.lora.target_modules", "model.lora.r"],
         ),
+        (
+            ["rollout.backend=hf", "rollout.sampler=inverse_cdf"],
+            ["rollout.sampler", "rollout.backend"],
+        ),
         # 16 prompts * 8 = 128 sequences do not split into 3 minibatches.
         (
             ["trainer.num_minibatches=3"],

@@ -905,3 +905,16 @@ def test_preallocated_layer_matches_dynamic_layer():
     assert preallocated.get_seq_length() == 7
     with pytest.raises(RuntimeError, match="7 positions cannot hold 8"):
         preallocated.update(updates[-1], updates[-1])
+
+
+def test_build_backend_keeps_the_kind_and_swaps_the_sampler():
+    assert rollout.build_backend("shared_prefix") is rollout.ROLLOUT_BACKENDS["shared_prefix"]
+    icdf = rollout.build_backend("shared_prefix", sampler="inverse_cdf")
+    assert type(icdf) is rollout.SharedPrefixBackend and icdf.sampler == "inverse_cdf"
+    compiled = rollout.build_backend("compiled", sampler="inverse_cdf")
+    assert isinstance(compiled, rollout.StaticCacheBackend)
+    assert compiled.compile and compiled.sampler == "inverse_cdf"
+    with pytest.raises(ValueError, match="sampler: 'inverse_cdf' needs one of grpo_lab's own"):
+        rollout.build_backend("hf", sampler="inverse_cdf")
+    with pytest.raises(ValueError, match=r"sampler: 'gumbel' is not one of"):
+        rollout.build_backend("static", sampler="gumbel")

@@ -336,10 +336,18 @@ def test_global_whitening_stats_match_the_masked_statistics(tiny_model_dir, tmp_
     torch.testing.assert_close(var, masked_var(x, mask))
 
 
-def test_transformers_generate_backend_drives_the_loop(tiny_model_dir, tmp_path):
-    # The default engine is shared_prefix (every other test); this runs the plain one.
-    cfg = small_config(tiny_model_dir, tmp_path, "trainer.max_steps=2", "rollout.backend=hf")
-    history = Trainer(cfg).train()
+@pytest.mark.parametrize(
+    "engine",
+    [["rollout.backend=hf"], ["rollout.backend=static", "rollout.sampler=inverse_cdf"]],
+    ids=["hf", "static-inverse_cdf"],
+)
+def test_other_rollout_engines_drive_the_loop(tiny_model_dir, tmp_path, engine):
+    # The default engine is shared_prefix with multinomial sampling (every other test).
+    cfg = small_config(tiny_model_dir, tmp_path, "trainer.max_steps=2", *engine)
+    trainer = Trainer(cfg)
+    if "rollout.sampler=inverse_cdf" in engine:
+        assert trainer.rollout_backend.sampler == "inverse_cdf"
+    history = trainer.train()
     assert [r["step"] for r in history] == [1, 2]
     assert all(0.0 <= r["reward/mean"] <= 1.0 for r in history)
 
