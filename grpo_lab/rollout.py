@@ -104,6 +104,31 @@ class RolloutBatch:
         multiple of G)."""
         return self._map(lambda t: t[index])
 
+    def pad_completions(self, length: int, pad_id: int) -> RolloutBatch:
+        """The same batch with its completions right-padded to ``length`` >= C columns (pad id,
+        mask 0, log-prob 0): every masked quantity is unchanged. Used to give every
+        data-parallel rank the same C, hence the same sequence of model calls."""
+        extra = length - self.completion_len
+        if extra < 0:
+            raise ValueError(
+                f"length: {length} is shorter than the completions ({self.completion_len})"
+            )
+        if extra == 0:
+            return self
+        n = self.num_sequences
+        ids = self.completion_ids.new_full((n, extra), pad_id)
+        return RolloutBatch(
+            prompt_ids=self.prompt_ids,
+            prompt_mask=self.prompt_mask,
+            completion_ids=torch.cat([self.completion_ids, ids], dim=1),
+            completion_mask=torch.cat([self.completion_mask, torch.zeros_like(ids)], dim=1),
+            sampling_logp=torch.cat(
+                [self.sampling_logp, self.sampling_logp.new_zeros(n, extra)], dim=1
+            ),
+            truncated=self.truncated,
+            group_size=self.group_size,
+        )
+
     def _map(self, fn) -> RolloutBatch:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         return RolloutBatch(**{k: fn(v) if isinstance(v, Tensor) else v for k, v in values.items()})

@@ -503,7 +503,13 @@ class Trainer:
             batch_size=r.batch_size,
             backend=self.rollout_backend,
         )
-        return batch.to(self.acc.device)
+        batch = batch.to(self.acc.device)
+        if self.world > 1:
+            # Every rank pads to the longest completion of any rank: the same C gives every rank
+            # the same sequence of model calls (and of ZeRO-3 parameter gathers) in the update.
+            longest = self.acc.gather(torch.tensor([batch.completion_len], device=self.acc.device))
+            batch = batch.pad_completions(int(longest.max()), self.tokenizer.pad_token_id)
+        return batch
 
     def _make_experience(self, batch: RolloutBatch, rewards: torch.Tensor) -> Experience:
         cfg = self.cfg

@@ -918,3 +918,19 @@ def test_build_backend_keeps_the_kind_and_swaps_the_sampler():
         rollout.build_backend("hf", sampler="inverse_cdf")
     with pytest.raises(ValueError, match=r"sampler: 'gumbel' is not one of"):
         rollout.build_backend("static", sampler="gumbel")
+
+
+def test_pad_completions_adds_masked_pad_columns():
+    torch.manual_seed(0)
+    batch = generate(chain_model(), IDS_TOKENIZER, [[1, 2], [4]], group_size=2, max_new_tokens=8)
+    padded = batch.pad_completions(batch.completion_len + 3, PAD)
+    assert padded.completion_len == batch.completion_len + 3
+    assert torch.equal(padded.completion_ids[:, : batch.completion_len], batch.completion_ids)
+    assert (padded.completion_ids[:, batch.completion_len :] == PAD).all()
+    assert torch.equal(padded.completion_lengths, batch.completion_lengths)
+    assert torch.equal(padded.sampling_logp[:, : batch.completion_len], batch.sampling_logp)
+    assert (padded.sampling_logp[:, batch.completion_len :] == 0).all()
+    assert torch.equal(padded.truncated, batch.truncated)
+    assert batch.pad_completions(batch.completion_len, PAD) is batch
+    with pytest.raises(ValueError, match="shorter than the completions"):
+        batch.pad_completions(batch.completion_len - 1, PAD)

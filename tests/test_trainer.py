@@ -492,3 +492,38 @@ def test_shared_prompt_forward_leaves_the_update_unchanged(
     assert any(g.abs().sum() > 0 for g in grads_full)
     for shared, full in zip(grads_shared, grads_full, strict=True):
         torch.testing.assert_close(shared, full)
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_padding_completions_leaves_the_update_unchanged(objective, tiny_model_dir, tmp_path):
+    """Several processes pad their completions to the longest of any rank; the extra masked
+    columns must change no log-prob, advantage, loss or gradient."""
+    cfg = small_config(
+        tiny_model_dir, tmp_path, *OBJECTIVES[objective], "trainer.micro_batch_size=4"
+    )
+    trainer = Trainer(cfg)
+    trainer.harness.start_step()
+    torch.manual_seed(7)
+    batch = trainer._rollout([p.question for p in trainer.sampler.next_batch()])
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0])
+    idx = torch.arange(batch.num_sequences)
+    models = [trainer.policy] + ([trainer.critic] if trainer.critic is not None else [])
+    c = batch.completion_len
+    results = []
+    for b in (batch, batch.pad_completions(c + 3, trainer.tokenizer.pad_token_id)):
+        exp = trainer._make_experience(b, rewards)
+        for m in models:
+            m.zero_grad(set_to_none=True)
+        totals, _ = trainer.accumulate_gradients(exp, idx)
+        results.append((exp, totals["loss/total"], [g for m in models for g in _grads(m)]))
+    (exp, loss, grads), (exp_pad, loss_pad, grads_pad) = results
+    assert exp_pad.advantages.shape[1] == c + 3
+    for name in ("old_logp", "ref_logp", "old_values", "advantages", "returns"):
+        full = getattr(exp, name)
+        if full is not None:
+            padded = getattr(exp_pad, name)
+            torch.testing.assert_close(padded[:, :c], full, msg=name)
+            assert (padded[:, c:] == 0).all(), name
+    torch.testing.assert_close(loss_pad, loss)
+    for a, b in zip(grads_pad, grads, strict=True):
+        torch.testing.assert_close(a, b)
