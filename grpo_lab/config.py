@@ -290,8 +290,9 @@ class TrainerConfig:
     """Show a progress bar on the main process."""
     skip_zero_advantage: bool = True
     """Do not run forward/backward for sequences whose advantage is 0 everywhere (GRPO groups
-    with identical rewards): their gradient is exactly zero. Applies to GRPO on one process with
-    no KL-in-loss or entropy term; the update is identical either way."""
+    with identical rewards): their gradient is exactly zero. Applies to GRPO with no KL-in-loss
+    or entropy term; with several processes each runs as many rows as the one with the most
+    signal. The update is identical either way."""
     share_prompts: bool = True
     """Run each distinct prompt once per training / scoring forward and share its keys and
     values with the rows that sampled it (same outputs and gradients as the full forward;

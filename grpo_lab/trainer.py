@@ -702,26 +702,31 @@ class Trainer:
         return totals, len(micro)
 
     def _rows_with_signal(self, exp: Experience, idx: torch.Tensor) -> torch.Tensor:
-        """The rows of `idx` whose update is not exactly zero.
+        """The rows of `idx` whose update is not exactly zero (at least one row).
 
         A row whose advantage is 0 at every token (a GRPO group with identical rewards) adds
-        exactly nothing to the clipped policy loss or its gradient, so with no value model, no KL
-        or entropy term in the loss and one process it is not run at all; the loss is still
-        normalised by the counts of the whole minibatch, so the update is unchanged. NOTE: with
-        several processes every rank must run the same forwards (ZeRO-3 gathers per forward),
-        so nothing is skipped there.
+        exactly nothing to the clipped policy loss or its gradient, so with no value model and
+        no KL or entropy term in the loss it is not run at all; the loss is still normalised by
+        the counts of the whole minibatch, so the update is unchanged. With several processes
+        every rank must make the same number of forward/backward calls (gradient reductions
+        and ZeRO-3 gathers are collective), so each rank keeps as many rows as the rank with
+        the most signal, topping its own up with zero-advantage rows.
         """
         L = self.cfg.loss
         if not (
             self.cfg.trainer.skip_zero_advantage
-            and self.world == 1
             and self.value_mode is None
             and (L.kl_coef == 0 or L.kl_mode == "reward")
             and L.entropy_coef == 0
         ):
             return idx
-        active = idx[(exp.advantages[idx] != 0).any(dim=-1)]
-        return active if len(active) else idx[:1]
+        signal = (exp.advantages[idx] != 0).any(dim=-1)  # [len(idx)]
+        keep = max(int(signal.sum()), 1)
+        if self.world > 1:
+            keep = int(self.acc.gather(torch.tensor([keep], device=signal.device)).max())
+        # Rows with signal first (stable order), then zero-advantage rows as needed.
+        order = torch.argsort((~signal).to(torch.int8), stable=True)
+        return idx[order[:keep]]
 
     def _value_loss(self, values, exp: Experience, mi, counts):
         return algos.value_loss(

@@ -25,6 +25,8 @@ from grpo_lab.trainer import Trainer
 
 OBJECTIVES = {
     "grpo": ["algorithm=grpo", "loss.kl_coef=0.05", "advantage.scale=batch"],
+    # No KL, so zero-advantage rows are skipped: rank 0 has 4 rows with signal, rank 1 none.
+    "grpo_skip": ["algorithm=grpo", "loss.kl_coef=0"],
     "ppo_head": ["algorithm=ppo", "ppo.value=head"],
     "ppo_critic": ["algorithm=ppo", "ppo.value=critic"],
 }
@@ -56,6 +58,8 @@ def global_batch(vocab: int, eos: int, pad: int) -> tuple[RolloutBatch, torch.Te
         group_size=G,
     )
     rewards = torch.randint(0, 2, (N,), generator=g).float()
+    rewards[:G] = torch.tensor([1.0, 0.0, 0.0, 1.0])  # group 0 has signal, groups 1-3 none
+    rewards[G:] = 1.0
     return batch, rewards
 
 
@@ -83,7 +87,7 @@ def run_objective(objective: str, args) -> tuple[dict, object]:
     local = slice(trainer.rank * per_rank, (trainer.rank + 1) * per_rank)
     batch, rewards = batch.select(local).to(trainer.acc.device), rewards[local]
 
-    losses = []
+    losses, skipped = [], []
     for _ in range(args.steps):
         trainer.harness.start_step()
         exp = trainer._make_experience(batch, rewards)
@@ -91,6 +95,7 @@ def run_objective(objective: str, args) -> tuple[dict, object]:
         losses.append(
             [metrics.get("loss/policy", 0.0), metrics.get("loss/value", 0.0), metrics["loss/total"]]
         )
+        skipped.append(metrics["update/zero_advantage_rows_skipped"])
 
     models = {"policy": trainer.policy} | (
         {"critic": trainer.critic} if trainer.critic is not None else {}
@@ -108,7 +113,8 @@ def run_objective(objective: str, args) -> tuple[dict, object]:
         gathered = trainer.acc.gather(flat[None].to(trainer.acc.device)).cpu()
         for r in range(1, trainer.world):
             torch.testing.assert_close(gathered[r], gathered[0], rtol=0, atol=0)
-    return {"losses": torch.tensor(losses), "params": params, "world": trainer.world}, trainer.acc
+    result = {"losses": torch.tensor(losses), "params": params, "world": trainer.world}
+    return result | {"skipped": skipped}, trainer.acc
 
 
 def main(argv: list[str]) -> int:

@@ -1,8 +1,9 @@
 """Two CPU processes (gloo) under DeepSpeed ZeRO-2 and ZeRO-3 match one process on the same batch.
 
 Each case launches ``tests/distributed_update.py`` with ``accelerate launch`` and the project's own
-CPU DeepSpeed configs, takes two optimizer steps of GRPO (with a KL reference) and of PPO with a
-separate critic on a fixed global batch split across the two ranks, and compares the losses and
+CPU DeepSpeed configs, takes two optimizer steps of GRPO (with a KL reference and batch-scaled
+advantages), GRPO without KL (zero-advantage rows skipped, unevenly across the ranks) and PPO
+with a separate critic on a fixed global batch split across the two ranks, and compares the losses and
 the final parameters with a single-process run of the same global batch. The script itself
 asserts that both ranks end with identical parameters.
 """
@@ -19,7 +20,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "distributed_update.py"
-OBJECTIVES = "grpo,ppo_critic"
+OBJECTIVES = "grpo,grpo_skip,ppo_critic"
 
 
 def _run(cmd: list[str], log: Path) -> None:
@@ -66,6 +67,11 @@ def test_two_processes_match_one(zero, model_dir, single_process, tmp_path):
            str(SCRIPT), model_dir, str(out), "--objectives", OBJECTIVES]  # fmt: skip
     _run(cmd, tmp_path / f"{zero}.log")
     multi = torch.load(out)
+    # Rows skipped (fraction of this process's rows): one process runs only group 0's 4 of 16
+    # rows; two processes keep 4 rows each (rank 1 tops up with zero-advantage rows).
+    assert single_process["grpo_skip"]["skipped"] == [0.75, 0.75]
+    assert multi["grpo_skip"]["skipped"] == [0.5, 0.5]
+    assert single_process["grpo"]["skipped"] == [0.0, 0.0]  # KL in the loss: nothing skipped
     for objective, ref in single_process.items():
         got = multi[objective]
         assert ref["world"] == 1 and got["world"] == 2
