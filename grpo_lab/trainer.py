@@ -23,19 +23,18 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 import shutil
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+from accelerate.utils import set_seed
 from transformers import PreTrainedModel
 
-from grpo_lab import algos
+from grpo_lab import algos, distributed
 from grpo_lab.checkpoint import (
     CheckpointError,
     fingerprint,
@@ -94,26 +93,10 @@ class Experience:
     returns: torch.Tensor  # [N, C]
 
 
-def build_accelerator(cfg: Config) -> Accelerator:
-    # NOTE: on CPU, DeepSpeed + several processes needs an explicit gloo process group, or every
-    # rank believes it is rank 0 of 1.
-    multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    kwargs = (
-        [InitProcessGroupKwargs(backend="gloo")]
-        if multi_process and not torch.cuda.is_available()
-        else []
-    )
-    return Accelerator(
-        log_with=list(cfg.harness.report_to) or None,
-        project_dir=cfg.output_dir,
-        kwargs_handlers=kwargs,
-    )
-
-
 class Trainer:
     def __init__(self, cfg: Config, accelerator: Accelerator | None = None):
         self.cfg = cfg
-        self.acc = accelerator or build_accelerator(cfg)
+        self.acc = accelerator or distributed.build_accelerator(cfg)
         self.world = self.acc.num_processes
         self.rank = self.acc.process_index
         cfg.validate(num_processes=self.world)
@@ -233,7 +216,9 @@ class Trainer:
         self.opt = adamw(self.policy, t.lr)
         self.sched = schedule(self.opt)
         if self.deepspeed:
-            self._configure_deepspeed()
+            distributed.configure_deepspeed(
+                self.acc, micro_batch_size=t.micro_batch_size, max_grad_norm=t.max_grad_norm
+            )
             # NOTE: the schedulers stay outside the DeepSpeed engines, which would otherwise step
             # them once per optimizer step; here they advance once per RL step.
             self.policy, self.opt = self.acc.prepare(self.policy, self.opt)
@@ -249,52 +234,17 @@ class Trainer:
                     self.critic, self.critic_opt, self.critic_sched
                 )
         if self.reference is not None:
-            self.reference = self._prepare_reference(self.reference)
+            self.reference = distributed.prepare_reference(
+                self.acc, self.reference, bf16=self.cfg.model.dtype == "bfloat16"
+            )
 
     @property
     def deepspeed(self) -> bool:
-        return self.acc.distributed_type == DistributedType.DEEPSPEED
+        return distributed.is_deepspeed(self.acc)
 
     @property
     def zero_stage(self) -> int:
-        if not self.deepspeed:
-            return 0
-        return int(
-            self.acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get(
-                "stage", 0
-            )
-        )
-
-    def _configure_deepspeed(self) -> None:
-        """Fill the DeepSpeed config from the recipe: one engine step per minibatch, our clipping.
-
-        Gradient accumulation is driven here (the engine is told where each minibatch ends), so
-        DeepSpeed's own accumulation count stays 1 and it never rescales the loss.
-        """
-        t = self.cfg.trainer
-        ds = self.acc.state.deepspeed_plugin.deepspeed_config
-        ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
-        ds["gradient_accumulation_steps"] = 1
-        ds["train_batch_size"] = t.micro_batch_size * self.world
-        ds["gradient_clipping"] = float(t.max_grad_norm) if t.max_grad_norm is not None else 0.0
-        self.acc.gradient_accumulation_steps = 1
-
-    def _prepare_reference(self, model):
-        """Frozen reference: ZeRO-3 partitions it like the policy; otherwise a plain copy."""
-        if self.zero_stage == 3:
-            import deepspeed
-
-            ds = self.acc.state.deepspeed_plugin.deepspeed_config
-            config = {
-                "train_micro_batch_size_per_gpu": ds["train_micro_batch_size_per_gpu"],
-                "train_batch_size": ds["train_batch_size"],
-                "zero_optimization": {"stage": 3},
-                "bf16": {"enabled": self.cfg.model.dtype == "bfloat16"},
-            }
-            engine, *_ = deepspeed.initialize(model=model, config=config)
-            engine.eval()  # NOTE: DeepSpeedEngine.eval() returns None, unlike nn.Module.eval()
-            return engine
-        return model.to(self.acc.device).eval()
+        return distributed.zero_stage(self.acc)
 
     # ------------------------------------------------------------------ checkpoints
     def _fingerprint(self) -> dict:
@@ -359,21 +309,10 @@ class Trainer:
         return model.lm if isinstance(model, PolicyWithValueHead) else model
 
     def _global_sum(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum a tensor over all processes (identity on one process)."""
-        if self.world == 1:
-            return x
-        x = x.to(self.acc.device)
-        return self.acc.reduce(x.clone(), reduction="sum")
+        return distributed.global_sum(self.acc, x)
 
-    def _global_masked_stats(
-        self, x: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masked mean and unbiased variance of x [N, T] over the tokens of every process."""
-        m = mask.to(x.dtype)
-        s = self._global_sum(torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()]))
-        mean = s[0] / s[2].clamp(min=1)
-        var = (s[1] - s[2] * mean**2) / (s[2] - 1).clamp(min=1)
-        return mean, var.clamp(min=0)
+    def _global_masked_stats(self, x: torch.Tensor, mask: torch.Tensor):
+        return distributed.global_masked_stats(self.acc, x, mask)
 
     def _forward(self, model, batch: RolloutBatch, *, entropy: bool = False):
         kwargs = {"temperature": self.cfg.rollout.temperature, "compute_entropy": entropy}
@@ -507,8 +446,8 @@ class Trainer:
         if self.world > 1:
             # Every rank pads to the longest completion of any rank: the same C gives every rank
             # the same sequence of model calls (and of ZeRO-3 parameter gathers) in the update.
-            longest = self.acc.gather(torch.tensor([batch.completion_len], device=self.acc.device))
-            batch = batch.pad_completions(int(longest.max()), self.tokenizer.pad_token_id)
+            longest = distributed.global_max(self.acc, batch.completion_len)
+            batch = batch.pad_completions(longest, self.tokenizer.pad_token_id)
         return batch
 
     def _make_experience(self, batch: RolloutBatch, rewards: torch.Tensor) -> Experience:
@@ -722,8 +661,7 @@ class Trainer:
             return idx
         signal = (exp.advantages[idx] != 0).any(dim=-1)  # [len(idx)]
         keep = max(int(signal.sum()), 1)
-        if self.world > 1:
-            keep = int(self.acc.gather(torch.tensor([keep], device=signal.device)).max())
+        keep = distributed.global_max(self.acc, keep)
         # Rows with signal first (stable order), then zero-advantage rows as needed.
         order = torch.argsort((~signal).to(torch.int8), stable=True)
         return idx[order[:keep]]
@@ -740,25 +678,12 @@ class Trainer:
         )
 
     def _backward(self, loss: torch.Tensor, model, last: bool) -> None:
-        # DDP and DeepSpeed average gradients over ranks; the loss is already a share of the
-        # global sum, so multiplying by the world size makes the averaged gradient that sum's.
-        scaled = loss * self.world
-        if self.deepspeed:
-            # The engine accumulates until told this micro-batch closes the minibatch.
-            model.set_gradient_accumulation_boundary(last)
-            model.backward(scaled)
-            return
-        ctx = nullcontext() if last or self.world == 1 else self.acc.no_sync(model)
-        with ctx:
-            self.acc.backward(scaled)
+        distributed.backward(self.acc, model, loss, last=last)
 
     def _clip_and_step(self, model, opt) -> float:
         """Clip, step, zero grads. A non-finite gradient skips the update and is counted."""
         if self.deepspeed:
-            # The engine clips (gradient_clipping), steps and zeroes gradients itself.
-            model.step()
-            norm = model.get_global_grad_norm()
-            return float(norm) if norm is not None else math.nan
+            return distributed.engine_step(model)
         max_norm = self.cfg.trainer.max_grad_norm
         params = [p for p in model.parameters() if p.requires_grad]
         norm = self.acc.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)

@@ -81,3 +81,21 @@ def test_two_processes_match_one(zero, model_dir, single_process, tmp_path):
             torch.testing.assert_close(
                 got["params"][name], p, msg=lambda m, n=name, o=objective: f"{o} {n}: {m}"
             )
+
+
+def test_single_process_collectives_are_the_identity_and_stats_match_algos():
+    from accelerate import Accelerator
+
+    from grpo_lab import algos, distributed
+
+    acc = Accelerator(cpu=True)
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert distributed.global_sum(acc, x) is x
+    assert distributed.global_max(acc, 7) == 7
+    assert distributed.zero_stage(acc) == 0 and not distributed.is_deepspeed(acc)
+    mean, var = distributed.global_masked_stats(acc, x, mask)
+    # Tokens 1, 2, 4: mean 7/3; unbiased variance ((4/3)^2 + (1/3)^2 + (5/3)^2) / 2 = 7/3.
+    torch.testing.assert_close(mean, torch.tensor(7 / 3))
+    torch.testing.assert_close(var, torch.tensor(7 / 3))
+    torch.testing.assert_close(var, algos.masked_var(x, mask))
