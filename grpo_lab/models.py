@@ -14,6 +14,15 @@ with an object carrying ``logits`` and/or ``values``; :func:`completion_forward`
 outermost wrapper (DDP, accelerate, DeepSpeed) so that its hooks run.
 :func:`shared_prompt_completion_forward` gives the same outputs and gradients from split inputs,
 running the prompt once per distinct prompt and the completions against its cached keys/values.
+
+Chunked LM head: where the logits the model would materialise (N x K x V) exceed
+``max_logit_elements``, both forwards ask the model for none of them (``logits_to_keep`` = an
+empty index tensor, ``output_hidden_states=True``) and apply the LM head module themselves to
+the last hidden state a chunk of positions at a time, together with the float32 log-softmax;
+under autograd each chunk is checkpointed, so only one chunk of logits exists at once, also in
+backward. This is only sound where ``lm_head(hidden_states[-1])`` IS the model's logits; see
+:func:`_chunkable_head` for the rule that decides it (a config check, then a one-time numeric
+check per model and train/eval mode).
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ import contextlib
 import functools
 import json
 import math
+import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,10 +229,15 @@ class ValueModelOutput:
 
     logits: Tensor | None = None  # [N, K, V]
     values: Tensor | None = None  # [N, K] float32
+    hidden_states: tuple[Tensor, ...] | None = None  # each [N, T, H]; only when asked
 
 
-def _keep_last(hidden: Tensor, logits_to_keep: int) -> Tensor:  # [N, T, H] -> [N, K, H]
-    return hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
+def _keep_positions(hidden: Tensor, keep: int | Tensor) -> Tensor:  # [N, T, H] -> [N, K, H]
+    """The positions ``logits_to_keep`` selects: an int keeps the last K (all T when 0), a 1-D
+    index tensor keeps those positions (transformers' own convention)."""
+    if isinstance(keep, Tensor):
+        return hidden[:, keep]
+    return hidden[:, -keep:] if keep > 0 else hidden
 
 
 def _hidden_size(config: PretrainedConfig) -> int:
@@ -260,11 +276,25 @@ class PolicyWithValueHead(nn.Module):
         input_ids: Tensor,  # [N, T]
         attention_mask: Tensor | None = None,  # [N, T]
         position_ids: Tensor | None = None,  # [N, T]
-        logits_to_keep: int = 0,
+        logits_to_keep: int | Tensor = 0,  # int, or [K] long positions
+        values_to_keep: int | Tensor | None = None,  # int, or [K'] long positions
+        output_hidden_states: bool = False,
         **kwargs,
     ) -> ValueModelOutput:
-        """Logits [N, K, V] and values [N, K] for the last K = ``logits_to_keep`` positions
-        (all T when 0)."""
+        """Logits [N, K, V] for the positions ``logits_to_keep`` selects (an int: the last K,
+        all T when 0; a 1-D index tensor: those positions, none when empty) and values [N, K']
+        for those ``values_to_keep`` selects, by default the same ones as the logits.
+
+        ``output_hidden_states=True`` also returns the lm's hidden states (each [N, T, H], the
+        last one post final norm), as :func:`completion_forward`'s chunked LM head needs.
+        """
+        keep, name = (
+            (logits_to_keep, "logits_to_keep")
+            if values_to_keep is None
+            else (values_to_keep, "values_to_keep")
+        )
+        if isinstance(keep, Tensor) and keep.dim() != 1:
+            raise ValueError(f"{name}: expected an int or a 1-D index tensor, got {keep.dim()}-D")
         kwargs.setdefault("use_cache", False)
         out = self.lm(
             input_ids=input_ids,
@@ -274,8 +304,12 @@ class PolicyWithValueHead(nn.Module):
             output_hidden_states=True,
             **kwargs,
         )
-        hidden = _keep_last(out.hidden_states[-1], logits_to_keep)
-        return ValueModelOutput(logits=out.logits, values=self.v_head(hidden))
+        hidden = _keep_positions(out.hidden_states[-1], keep)  # [N, K', H]
+        return ValueModelOutput(
+            logits=out.logits,
+            values=self.v_head(hidden),
+            hidden_states=out.hidden_states if output_hidden_states else None,
+        )
 
     def save_pretrained(self, path: str | Path) -> None:
         """The lm via its own ``save_pretrained`` (a peft model writes its adapter) plus
@@ -341,7 +375,7 @@ class Critic(nn.Module):
             position_ids=position_ids,
             **kwargs,
         )
-        hidden = _keep_last(out.last_hidden_state, logits_to_keep)
+        hidden = _keep_positions(out.last_hidden_state, logits_to_keep)
         return ValueModelOutput(values=self.v_head(hidden))
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -416,6 +450,22 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:  # [N, T] -> [N, T
     return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
 
 
+MAX_LOGIT_ELEMENTS = 2**26
+# Config fields under which a transformers causal LM changes its logits after the LM head (or
+# the hidden state between the final norm and the head), as found in transformers 5.24:
+# Gemma 2/3/4, nanochat, Beam (softcapping), RecurrentGemma, Cohere, Granite, HyperCLOVA X,
+# MiniCPM3, Falcon-H1, Inkling, Muse. A value other than None means the transform applies.
+LOGIT_TRANSFORM_FIELDS = (
+    "final_logit_softcapping",
+    "logits_soft_cap",
+    "logit_scale",
+    "logits_scaling",
+    "lm_head_multiplier",
+    "logits_mup_width_multiplier",
+    "output_multiplier",
+)
+
+
 def completion_forward(
     model: nn.Module,
     input_ids: Tensor,  # [N, P+C]
@@ -425,42 +475,283 @@ def completion_forward(
     temperature: float = 1.0,
     compute_entropy: bool = False,
     chunk_size: int = 1024,
+    max_logit_elements: int | None = MAX_LOGIT_ELEMENTS,
 ) -> CompletionOutputs:
     """One forward of ``model`` over prompt + completion, reduced to the C completion tokens.
 
     ``model`` is a causal LM (-> logp, entropy), a :class:`PolicyWithValueHead` (-> logp,
     entropy, values) or a :class:`Critic` (-> values), possibly wrapped by DDP / accelerate /
-    DeepSpeed / peft. Only the last C+1 positions' logits are materialised
-    (``logits_to_keep``), and log-softmax / entropy run in float32 over ``chunk_size``
-    positions at a time; see :func:`token_logprobs`.
+    DeepSpeed / peft; it is called once, through its outermost wrapper.
+
+    Logits of K = C+1 positions are needed (the last one is dropped: it predicts past the end).
+    While N * K * V <= ``max_logit_elements`` (or it is None) the model materialises them itself
+    (``logits_to_keep=K``) and :func:`token_logprobs` reduces them ``chunk_size`` positions at
+    a time. Above it, where the LM head qualifies (:func:`_chunkable_head`), the model returns
+    no logits and the head is applied to its last hidden state in chunks of at most
+    ``max_logit_elements`` logits (and ``chunk_size`` positions), each checkpointed under
+    autograd; outputs and gradients are the same up to float rounding.
     """
     seq_len = input_ids.shape[1]
     if not 0 < completion_len < seq_len:
         raise ValueError(f"completion_len must be in [1, {seq_len - 1}], got {completion_len}")
-    out = model(
+    inputs = dict(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
-        logits_to_keep=completion_len + 1,
         use_cache=False,
     )
-    # Position P-1+t predicts token t: of the kept C+1 positions, drop the last (it predicts
-    # past the end). Slicing from the end also covers a model that ignored logits_to_keep.
-    window = slice(-(completion_len + 1), -1)
-    logits = out.logits
-    values = out.values if isinstance(out, ValueModelOutput) else None
-    logp = entropy = None
-    if logits is not None:
+    return _kept_positions_forward(
+        model,
+        inputs,
+        completion_len + 1,
+        input_ids[:, -completion_len:],
+        temperature=temperature,
+        compute_entropy=compute_entropy,
+        chunk_size=chunk_size,
+        max_logit_elements=max_logit_elements,
+    )
+
+
+def _kept_positions_forward(
+    model: nn.Module,
+    inputs: dict,
+    keep: int,
+    targets: Tensor,  # [N, C'] long, predicted by the first C' of the K kept positions
+    *,
+    temperature: float,
+    compute_entropy: bool,
+    chunk_size: int,
+    max_logit_elements: int | None,
+) -> CompletionOutputs:
+    """One ``model(**inputs)`` call keeping the last K = ``keep`` positions, reduced to the
+    log-probs (entropy, values) of ``targets`` ([N, C'] each).
+
+    Three ways, decided per call: the model's own logits (below the threshold, or where the
+    head does not qualify or failed its check); the model's own logits plus the one-time head
+    check (first call for this model and train/eval mode); or the chunked head.
+
+    NOTE: on the chunked path the model still calls its head, on the empty selection, so the
+    head's parameters (and any adapter on it) are reachable from the model's outputs: DDP with
+    ``find_unused_parameters`` does not mark them unused before the chunks use them.
+    """
+    # Of the K kept positions the first C' predict targets; slicing from the end also covers a
+    # model that ignored logits_to_keep.
+    window = slice(-keep, (targets.shape[1] - keep) or None)
+    head = _chunkable_head(model, targets.shape[0] * keep, max_logit_elements)
+    verdict = None if head is None else _HEAD_CHECKS.get(head.lm, {}).get(head.lm.training)
+    if head is not None and verdict:
+        extra = {"values_to_keep": keep} if head.with_values else {}
+        no_positions = torch.empty(0, dtype=torch.long, device=targets.device)  # [0]
+        out = model(**inputs, logits_to_keep=no_positions, output_hidden_states=True, **extra)
+        logp, entropy = _head_logprobs(
+            head,
+            out.hidden_states[-1][:, window],  # [N, C', H]
+            targets,
+            temperature=temperature,
+            compute_entropy=compute_entropy,
+            chunk_size=chunk_size,
+            max_logit_elements=max_logit_elements,
+        )
+        values = out.values[:, window].float() if isinstance(out, ValueModelOutput) else None
+        return CompletionOutputs(logp=logp, entropy=entropy, values=values)
+
+    check = head is not None and verdict is None
+    out = model(**inputs, logits_to_keep=keep, **({"output_hidden_states": True} if check else {}))
+    if check:
+        _check_head(head, out.hidden_states[-1][:, -1:], out.logits[:, -1:])
+    logp = entropy = values = None
+    if out.logits is not None:
         logp, entropy = token_logprobs(
-            logits[:, window],
-            input_ids[:, -completion_len:],
+            out.logits[:, window],
+            targets,
             temperature=temperature,
             compute_entropy=compute_entropy,
             chunk_size=chunk_size,
         )
-    if values is not None:
-        values = values[:, window].float()
+    if isinstance(out, ValueModelOutput) and out.values is not None:
+        values = out.values[:, window].float()
     return CompletionOutputs(logp=logp, entropy=entropy, values=values)
+
+
+@dataclass
+class _LMHead:
+    """An LM head that :func:`completion_forward` may apply itself."""
+
+    module: nn.Module  # [..., H] -> [..., V], the lm's get_output_embeddings()
+    lm: PreTrainedModel  # the causal LM owning it, under every wrapper
+    with_values: bool  # the model is a PolicyWithValueHead (values come from the same call)
+
+
+# Outcome of the one-time head check, per causal LM and training flag (see _chunkable_head).
+_HEAD_CHECKS: weakref.WeakKeyDictionary[PreTrainedModel, dict[bool, bool]] = (
+    weakref.WeakKeyDictionary()
+)
+# assert_close's default (rtol, atol) per dtype, for the head check.
+_CHECK_TOLERANCES = {
+    torch.float16: (1e-3, 1e-5),
+    torch.bfloat16: (1.6e-2, 1e-5),
+    torch.float32: (1.3e-6, 1e-5),
+}
+
+
+def _chunkable_head(
+    model: nn.Module, positions: int, max_logit_elements: int | None
+) -> _LMHead | None:
+    """The LM head to apply chunk by chunk for a pass keeping ``positions`` = N * K positions,
+    or None where the model's own logits are to be used.
+
+    None unless N * K * V exceeds ``max_logit_elements`` (never when that is None). Then the
+    rule that ``lm_head(hidden_states[-1])`` is the model's logits:
+
+    1. Unwrapping (DDP / DeepSpeed ``.module``, ``torch.compile``'s ``_orig_mod``, peft
+       ``get_base_model()``, ``PolicyWithValueHead.lm``) must reach a transformers
+       ``PreTrainedModel`` with ``get_output_embeddings()`` (a :class:`Critic` has none).
+    2. Its config (and text config) sets none of ``LOGIT_TRANSFORM_FIELDS`` and does not
+       untie ``hidden_states[-1]`` from the final-norm output (``tie_last_hidden_states``).
+    3. Not FSDP (the head's parameters are sharded outside its root forward), and not a head
+       partitioned by ZeRO-3 over several processes: each head call is then a collective
+       gather and the number of chunks, which follows each process's own N and C, would
+       differ between processes.
+    4. The one-time check (:func:`_check_head`, run by the first call that passes 1-3, per
+       causal LM and train/eval mode) found the head reproducing the model's own logits.
+       That call still uses the model's logits, so a failed check only costs the saving.
+    """
+    if max_logit_elements is None:
+        return None
+    if max_logit_elements < 1:
+        raise ValueError(f"max_logit_elements must be >= 1 or None, got {max_logit_elements}")
+    head = _find_lm_head(model)
+    if head is None:
+        return None
+    if positions * head.lm.config.get_text_config().vocab_size <= max_logit_elements:
+        return None
+    configs = (head.lm.config, head.lm.config.get_text_config())
+    if any(getattr(c, "tie_last_hidden_states", None) is False for c in configs) or any(
+        getattr(c, field, None) is not None for c in configs for field in LOGIT_TRANSFORM_FIELDS
+    ):
+        return None
+    if any(hasattr(p, "ds_id") for p in head.module.parameters()) and _world_size() > 1:
+        return None
+    return head
+
+
+def _find_lm_head(model: nn.Module) -> _LMHead | None:
+    """The output embeddings under ``model``'s wrappers (None: a critic, FSDP, unknown)."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    inner, with_values = model, False
+    while not isinstance(inner, PreTrainedModel):
+        if isinstance(inner, (FullyShardedDataParallel, FSDPModule, Critic)):
+            return None
+        if isinstance(inner, PolicyWithValueHead):
+            inner, with_values = inner.lm, True
+        elif callable(getattr(inner, "get_base_model", None)):
+            inner = inner.get_base_model()  # peft
+        elif isinstance(getattr(inner, "module", None), nn.Module):
+            inner = inner.module  # DDP, DeepSpeed
+        elif isinstance(getattr(inner, "_orig_mod", None), nn.Module):
+            inner = inner._orig_mod  # torch.compile
+        else:
+            return None
+    head = inner.get_output_embeddings()
+    if head is None or isinstance(inner, FSDPModule):
+        return None
+    return _LMHead(module=head, lm=inner, with_values=with_values)
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _check_head(
+    head: _LMHead,
+    hidden: Tensor,  # [N, 1, H] the model's last hidden state at its last position
+    logits: Tensor,  # [N, 1, V] the model's own logits there
+) -> None:
+    """Record whether the head module applied to ``hidden`` gives ``logits`` (assert_close's
+    default tolerances of the coarser dtype; NaN matches NaN), warning when it does not.
+
+    NOTE: the check runs once per causal LM and train/eval mode, on one position. It catches
+    a transform the config fields do not name, but one that is numerically invisible at that
+    position (e.g. a softcap far above these logits) would pass; the config rule is the
+    primary guard. Stochastic layers in train mode (e.g. LoRA dropout on the head) fail it.
+    """
+    with torch.no_grad():
+        ours = head.module(hidden.detach())  # [N, 1, V]
+    coarse = max((ours.dtype, logits.dtype), key=lambda d: torch.finfo(d).eps)
+    rtol, atol = _CHECK_TOLERANCES.get(coarse, (1.3e-6, 1e-5))
+    ok = ours.shape == logits.shape and torch.allclose(
+        ours.float(), logits.float(), rtol=rtol, atol=atol, equal_nan=True
+    )
+    _HEAD_CHECKS.setdefault(head.lm, {})[head.lm.training] = ok
+    if not ok:
+        warnings.warn(
+            f"{type(head.lm).__name__}: its output embeddings applied to the last hidden state "
+            "do not reproduce its logits; the chunked LM head is not used for this model in "
+            f"{'train' if head.lm.training else 'eval'} mode",
+            stacklevel=4,
+        )
+
+
+def _head_logprobs(
+    head: _LMHead,
+    hidden: Tensor,  # [N, C, H] last hidden state at the positions predicting targets
+    targets: Tensor,  # [N, C] long
+    *,
+    temperature: float,
+    compute_entropy: bool,
+    chunk_size: int,
+    max_logit_elements: int,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`token_logprobs` of ``head.module(hidden)`` without ever holding more than one
+    chunk's logits: at most ``chunk_size`` positions and ``max_logit_elements`` logits (at
+    least one position). Under autograd each chunk (head, float32 log-softmax, gather,
+    entropy) is checkpointed, so backward recomputes its logits instead of keeping them; the
+    head's weight (tied or not) gets the sum of the chunks' gradients.
+
+    Returns (logp [N, C] float32, entropy [N, C] float32 or None).
+    """
+    _check_logprob_args(temperature, chunk_size)
+
+    def chunk_fn(h: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:  # [N, c, H], [N, c]
+        return _chunk_logprobs(head.module(h), y, temperature, compute_entropy)
+
+    n, length, _ = hidden.shape
+    vocab = head.lm.config.get_text_config().vocab_size
+    step = max(1, min(chunk_size, max_logit_elements // max(1, n * vocab)))
+    logps, entropies = [], []
+    for start in range(0, length, step):
+        h, y = hidden[:, start : start + step], targets[:, start : start + step]
+        if torch.is_grad_enabled():
+            logp, ent = checkpoint(chunk_fn, h, y, use_reentrant=False)
+        else:
+            logp, ent = chunk_fn(h, y)
+        logps.append(logp)
+        entropies.append(ent)
+    entropy = torch.cat(entropies, dim=1) if compute_entropy else None
+    return torch.cat(logps, dim=1), entropy
+
+
+def _check_logprob_args(temperature: float, chunk_size: int) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+
+def _chunk_logprobs(
+    z: Tensor,  # [N, c, V] logits, any float dtype
+    y: Tensor,  # [N, c] long
+    temperature: float,
+    compute_entropy: bool,
+) -> tuple[Tensor, Tensor]:
+    """(logp [N, c], entropy [N, c] or a 0-d placeholder), float32, of softmax(z / T)."""
+    z_logp = torch.log_softmax(z.float() / temperature, dim=-1)  # [N, c, V]
+    logp = z_logp.gather(-1, y[..., None]).squeeze(-1)
+    if not compute_entropy:
+        return logp, logp.new_zeros(())
+    return logp, -(z_logp.exp() * z_logp).sum(-1)
 
 
 def token_logprobs(
@@ -484,17 +775,10 @@ def token_logprobs(
 
     Returns (logp [N, C] float32, entropy [N, C] float32 or None).
     """
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    _check_logprob_args(temperature, chunk_size)
 
     def chunk_fn(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:  # [N, c, V], [N, c]
-        z_logp = torch.log_softmax(z.float() / temperature, dim=-1)
-        logp = z_logp.gather(-1, y[..., None]).squeeze(-1)
-        if not compute_entropy:
-            return logp, logp.new_zeros(())
-        return logp, -(z_logp.exp() * z_logp).sum(-1)
+        return _chunk_logprobs(z, y, temperature, compute_entropy)
 
     recompute = torch.is_grad_enabled() and logits.requires_grad
     # Cap each chunk's float32 [N, c, V] block at max_chunk_elements (256 MiB by default), so a
@@ -527,6 +811,7 @@ def shared_prompt_completion_forward(
     temperature: float = 1.0,
     compute_entropy: bool = False,
     chunk_size: int = 1024,
+    max_logit_elements: int | None = MAX_LOGIT_ELEMENTS,
 ) -> CompletionOutputs:
     """:func:`completion_forward` with the prompt computed once per distinct prompt.
 
@@ -550,7 +835,10 @@ def shared_prompt_completion_forward(
     operation between the shared prefix and the N rows is ``index_select``, whose backward sums
     the G rows' gradients into their prompt's row, exactly what the G identical prompt copies of
     the full forward contribute to the parameters. Log-probs reuse :func:`token_logprobs` on
-    [N, 1, V] and [N, C-1, V] separately, so no [N, C, V] copy of the logits is made.
+    [N, 1, V] and [N, C-1, V] separately, so no [N, C, V] copy of the logits is made. Where
+    N * (C-1) * V exceeds ``max_logit_elements``, the completion pass takes
+    :func:`completion_forward`'s chunked LM head (same rule); the prompt pass always keeps its
+    one position's logits.
 
     ``model`` is the outermost wrapper (DDP / accelerate / DeepSpeed / peft hooks run on both
     calls) around a transformers model that passes ``cache=`` down to its attention layers:
@@ -598,13 +886,22 @@ def shared_prompt_completion_forward(
         tail = None
         if completion_len > 1:
             mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1)  # [N, P+C-1]
-            tail = model(
+            tail_inputs = dict(
                 input_ids=completion_ids[:, :-1],
                 attention_mask=mask,
                 position_ids=position_ids_from_mask(mask)[:, prompt_len:],
-                logits_to_keep=completion_len - 1,
                 cache=prefix,
                 use_cache=False,
+            )
+            tail = _kept_positions_forward(  # each [N, C-1]
+                model,
+                tail_inputs,
+                completion_len - 1,
+                completion_ids[:, 1:],
+                temperature=temperature,
+                compute_entropy=compute_entropy,
+                chunk_size=chunk_size,
+                max_logit_elements=max_logit_elements,
             )
             if not all(layer.reads for layer in prefix.layers):
                 raise ValueError(
@@ -622,20 +919,13 @@ def shared_prompt_completion_forward(
             chunk_size=chunk_size,
         )
         if tail is not None:
-            tail_logp, tail_entropy = token_logprobs(
-                tail.logits[:, -(completion_len - 1) :],
-                completion_ids[:, 1:],
-                temperature=temperature,
-                compute_entropy=compute_entropy,
-                chunk_size=chunk_size,
-            )
-            logp = torch.cat([logp, tail_logp], dim=1)
+            logp = torch.cat([logp, tail.logp], dim=1)
             if compute_entropy:
-                entropy = torch.cat([entropy, tail_entropy], dim=1)
+                entropy = torch.cat([entropy, tail.entropy], dim=1)
     if isinstance(head, ValueModelOutput) and head.values is not None:
         values = head.values[:, -1:].float().index_select(0, inverse)  # [N, 1]
         if tail is not None:
-            values = torch.cat([values, tail.values[:, -(completion_len - 1) :].float()], dim=1)
+            values = torch.cat([values, tail.values], dim=1)
     return CompletionOutputs(logp=logp, entropy=entropy, values=values)
 
 
