@@ -33,7 +33,7 @@ import json
 import math
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -717,16 +717,29 @@ def _head_logprobs(
     def chunk_fn(h: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:  # [N, c, H], [N, c]
         return _chunk_logprobs(head.module(h), y, temperature, compute_entropy)
 
-    n, length, _ = hidden.shape
     vocab = head.lm.config.get_text_config().vocab_size
-    step = max(1, min(chunk_size, max_logit_elements // max(1, n * vocab)))
+    step = max(1, min(chunk_size, max_logit_elements // max(1, hidden.shape[0] * vocab)))
+    recompute = torch.is_grad_enabled()
+    return _over_chunks(chunk_fn, hidden, targets, step, lambda h: recompute, compute_entropy)
+
+
+def _over_chunks(
+    chunk_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+    inputs: Tensor,  # [N, C, ...] logits or hidden states
+    targets: Tensor,  # [N, C] long
+    step: int,
+    recompute: Callable[[Tensor], bool],
+    compute_entropy: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """``chunk_fn`` over ``step`` positions at a time, checkpointed (non-reentrant) where
+    ``recompute(chunk)`` says so; (logp [N, C], entropy [N, C] or None), concatenated."""
     logps, entropies = [], []
-    for start in range(0, length, step):
-        h, y = hidden[:, start : start + step], targets[:, start : start + step]
-        if torch.is_grad_enabled():
-            logp, ent = checkpoint(chunk_fn, h, y, use_reentrant=False)
+    for start in range(0, inputs.shape[1], step):
+        x, y = inputs[:, start : start + step], targets[:, start : start + step]
+        if recompute(x):
+            logp, ent = checkpoint(chunk_fn, x, y, use_reentrant=False)
         else:
-            logp, ent = chunk_fn(h, y)
+            logp, ent = chunk_fn(x, y)
         logps.append(logp)
         entropies.append(ent)
     entropy = torch.cat(entropies, dim=1) if compute_entropy else None
@@ -785,17 +798,14 @@ def token_logprobs(
     # 152k vocabulary over a few hundred positions never sits in float32 at once.
     n, _, vocab = logits.shape
     step = max(1, min(chunk_size, max_chunk_elements // max(1, n * vocab)))
-    logps, entropies = [], []
-    for start in range(0, logits.shape[1], step):
-        z, y = logits[:, start : start + step], targets[:, start : start + step]
-        if recompute and z.numel() >= min_recompute_elements:
-            logp, ent = checkpoint(chunk_fn, z, y, use_reentrant=False)
-        else:
-            logp, ent = chunk_fn(z, y)
-        logps.append(logp)
-        entropies.append(ent)
-    entropy = torch.cat(entropies, dim=1) if compute_entropy else None
-    return torch.cat(logps, dim=1), entropy
+    return _over_chunks(
+        chunk_fn,
+        logits,
+        targets,
+        step,
+        lambda z: recompute and z.numel() >= min_recompute_elements,
+        compute_entropy,
+    )
 
 
 SHARED_PROMPT_ATTENTION = ("eager", "sdpa")

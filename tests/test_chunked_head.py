@@ -46,21 +46,9 @@ def tiny_lm(arch: str = "qwen2", tied: bool = True, seed: int = 0):
 def make_batch(seed: int = 0):
     """prompt_ids, prompt_mask [N, P] (left-padded) and completion_ids, completion_mask [N, C]
     (right-padded after EOS) for ROWS / COMPLETION_LENS."""
-    p = max(len(prompt) for prompt in PROMPTS)
-    gen = torch.Generator().manual_seed(seed)
-    prompt_ids = torch.full((N, p), PAD)
-    prompt_mask = torch.zeros((N, p), dtype=torch.long)
-    completion_ids = torch.randint(2, VOCAB, (N, C), generator=gen)
-    completion_mask = torch.ones((N, C), dtype=torch.long)
-    for i, (row, length) in enumerate(zip(ROWS, COMPLETION_LENS)):
-        prompt = PROMPTS[row]
-        prompt_ids[i, p - len(prompt) :] = torch.tensor(prompt)
-        prompt_mask[i, p - len(prompt) :] = 1
-        if length < C:
-            completion_ids[i, length - 1] = EOS
-            completion_ids[i, length:] = PAD
-            completion_mask[i, length:] = 0
-    return prompt_ids, prompt_mask, completion_ids, completion_mask
+    return tiny_models.split_batch(
+        PROMPTS, ROWS, COMPLETION_LENS, C, vocab_size=VOCAB, pad_id=PAD, eos_id=EOS, seed=seed
+    )
 
 
 def run(forward: str, model, batch, max_logit_elements, temperature=0.7, **kwargs):

@@ -39,25 +39,10 @@ def tiny_lm(arch: str = "qwen2", attn: str = "sdpa", seed: int = 0):
 
 
 def make_batch(prompts, rows, completion_lens, completion_len, seed=0):
-    """Prompt ``prompts[rows[i]]`` left-padded to the longest prompt for row i, followed by
-    ``completion_lens[i]`` random tokens, the last of them EOS when shorter than C, then PAD
-    with mask 0. Returns prompt_ids, prompt_mask [N, P] and completion_ids, completion_mask
-    [N, C]."""
-    n, p = len(rows), max(len(prompt) for prompt in prompts)
-    gen = torch.Generator().manual_seed(seed)
-    prompt_ids = torch.full((n, p), PAD)
-    prompt_mask = torch.zeros((n, p), dtype=torch.long)
-    completion_ids = torch.randint(2, VOCAB, (n, completion_len), generator=gen)
-    completion_mask = torch.ones((n, completion_len), dtype=torch.long)
-    for i, (row, length) in enumerate(zip(rows, completion_lens)):
-        prompt = prompts[row]
-        prompt_ids[i, p - len(prompt) :] = torch.tensor(prompt)
-        prompt_mask[i, p - len(prompt) :] = 1
-        if length < completion_len:
-            completion_ids[i, length - 1] = EOS
-            completion_ids[i, length:] = PAD
-            completion_mask[i, length:] = 0
-    return prompt_ids, prompt_mask, completion_ids, completion_mask
+    return tiny_models.split_batch(
+        prompts, rows, completion_lens, completion_len, vocab_size=VOCAB, pad_id=PAD,
+        eos_id=EOS, seed=seed,
+    )  # fmt: skip
 
 
 PROMPTS = [[5, 6, 7, 8], [9], [10, 11], [12, 13, 14]]

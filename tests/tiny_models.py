@@ -49,3 +49,35 @@ def tiny_lm(
     config = tiny_config(arch, **overrides)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+
+
+def split_batch(
+    prompts: list[list[int]],
+    rows: list[int],
+    completion_lens: list[int],
+    completion_len: int,
+    *,
+    vocab_size: int,
+    pad_id: int = 0,
+    eos_id: int = 1,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A rollout-shaped batch: row i is ``prompts[rows[i]]`` left-padded to the longest prompt,
+    then ``completion_lens[i]`` random tokens (ids >= 2), the last of them EOS when shorter than
+    ``completion_len``, then pad with mask 0. Returns prompt_ids, prompt_mask [N, P] and
+    completion_ids, completion_mask [N, C]."""
+    n, p = len(rows), max(len(prompt) for prompt in prompts)
+    gen = torch.Generator().manual_seed(seed)
+    prompt_ids = torch.full((n, p), pad_id)
+    prompt_mask = torch.zeros((n, p), dtype=torch.long)
+    completion_ids = torch.randint(2, vocab_size, (n, completion_len), generator=gen)
+    completion_mask = torch.ones((n, completion_len), dtype=torch.long)
+    for i, (row, length) in enumerate(zip(rows, completion_lens, strict=True)):
+        prompt = prompts[row]
+        prompt_ids[i, p - len(prompt) :] = torch.tensor(prompt)
+        prompt_mask[i, p - len(prompt) :] = 1
+        if length < completion_len:
+            completion_ids[i, length - 1] = eos_id
+            completion_ids[i, length:] = pad_id
+            completion_mask[i, length:] = 0
+    return prompt_ids, prompt_mask, completion_ids, completion_mask
