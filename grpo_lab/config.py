@@ -293,6 +293,11 @@ class TrainerConfig:
     with identical rewards): their gradient is exactly zero. Applies to GRPO with no KL-in-loss
     or entropy term; with several processes each runs as many rows as the one with the most
     signal. The update is identical either way."""
+    max_logit_elements: int | None = 2**26
+    """Most logits (rows x positions x vocabulary) the training / scoring forwards let the model
+    materialise; above it the LM head runs chunk by chunk on the last hidden state (same
+    results, checkpointed; e.g. ~2.5 GB less on a 152k vocabulary x 16 x 256). null = never
+    chunk."""
     share_prompts: bool = True
     """Run each distinct prompt once per training / scoring forward and share its keys and
     values with the rows that sampled it (same outputs and gradients as the full forward;
@@ -430,6 +435,7 @@ _BOUNDS: tuple[tuple[str, str, float], ...] = (
     ("trainer.num_minibatches", ">=", 1),
     ("trainer.micro_batch_size", ">=", 1),
     ("trainer.cpu_threads", ">=", 1),
+    ("trainer.max_logit_elements", ">=", 1),
     ("trainer.max_grad_norm", ">", 0),
     ("trainer.max_skipped_steps", ">=", 0),
     ("trainer.log_every", ">=", 1),

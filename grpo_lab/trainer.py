@@ -315,7 +315,11 @@ class Trainer:
         return distributed.global_masked_stats(self.acc, x, mask)
 
     def _forward(self, model, batch: RolloutBatch, *, entropy: bool = False):
-        kwargs = {"temperature": self.cfg.rollout.temperature, "compute_entropy": entropy}
+        kwargs = {
+            "temperature": self.cfg.rollout.temperature,
+            "compute_entropy": entropy,
+            "max_logit_elements": self.cfg.trainer.max_logit_elements,
+        }
         if self.cfg.trainer.share_prompts and self._attention(model) in SHARED_PROMPT_ATTENTION:
             try:
                 return shared_prompt_completion_forward(

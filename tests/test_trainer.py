@@ -441,16 +441,15 @@ def test_skipping_zero_advantage_rows_leaves_the_update_unchanged(tiny_model_dir
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("objective", list(OBJECTIVES))
-def test_shared_prompt_forward_leaves_the_update_unchanged(
-    objective, tiny_model_dir, tmp_path, monkeypatch
-):
-    """trainer.share_prompts runs each prompt once per micro-batch (its G rows share its keys
-    and values): the same old/reference log-probs, values, loss and gradients as the full
-    forward, with micro-batches that cut groups in half."""
+EXPERIENCE_FIELDS = ("old_logp", "ref_logp", "old_values", "advantages", "returns")
+
+
+def rollout_for_update(objective: str, model_dir: str, out: Path, seed: int):
+    """A trainer (2 epochs, micro-batches of 2 that cut groups in half, KL in the loss), one
+    rollout from it, fixed rewards and its trained modules."""
     cfg = small_config(
-        tiny_model_dir,
-        tmp_path,
+        model_dir,
+        out,
         *OBJECTIVES[objective],
         "trainer.micro_batch_size=2",
         "trainer.epochs=2",
@@ -458,11 +457,47 @@ def test_shared_prompt_forward_leaves_the_update_unchanged(
     )
     trainer = Trainer(cfg)
     trainer.harness.start_step()
-    torch.manual_seed(5)
+    torch.manual_seed(seed)
     batch = trainer._rollout([p.question for p in trainer.sampler.next_batch()])
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0])
-    idx = torch.arange(batch.num_sequences)
     models = [trainer.policy] + ([trainer.critic] if trainer.critic is not None else [])
+    return trainer, batch, rewards, models
+
+
+def experience_and_gradients(trainer, batch, rewards, models):
+    """(experience, minibatch loss, every trained parameter's gradient) of one whole batch."""
+    exp = trainer._make_experience(batch, rewards)
+    for m in models:
+        m.zero_grad(set_to_none=True)
+    totals, _ = trainer.accumulate_gradients(exp, torch.arange(batch.num_sequences))
+    return exp, totals["loss/total"], [g for m in models for g in _grads(m)]
+
+
+def assert_same_update(got, expected, columns: int | None = None) -> None:
+    """Same experience (in its first ``columns`` completion columns; after them advantages are
+    0 and nothing else is read), loss and gradients."""
+    (exp, loss, grads), (ref_exp, ref_loss, ref_grads) = got, expected
+    if columns is not None:
+        assert (exp.advantages[:, columns:] == 0).all()
+    for name in EXPERIENCE_FIELDS:
+        ref = getattr(ref_exp, name)
+        if ref is not None:
+            value = getattr(exp, name)[:, :columns]
+            torch.testing.assert_close(value, ref, msg=name)
+    torch.testing.assert_close(loss, ref_loss)
+    assert any(g.abs().sum() > 0 for g in ref_grads)
+    for g, ref in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, ref)
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_shared_prompt_forward_leaves_the_update_unchanged(
+    objective, tiny_model_dir, tmp_path, monkeypatch
+):
+    """trainer.share_prompts runs each prompt once per micro-batch (its G rows share its keys
+    and values): the same old/reference log-probs, values, loss and gradients as the full
+    forward, with micro-batches that cut groups in half."""
+    trainer, batch, rewards, models = rollout_for_update(objective, tiny_model_dir, tmp_path, 5)
     calls = []
     shared_forward = trainer_module.shared_prompt_completion_forward
     monkeypatch.setattr(
@@ -470,60 +505,41 @@ def test_shared_prompt_forward_leaves_the_update_unchanged(
         "shared_prompt_completion_forward",
         lambda *a, **k: calls.append(1) or shared_forward(*a, **k),
     )
-    results = {}
-    for share in (False, True):
-        assert not calls  # nothing shared while share_prompts was off
-        trainer.cfg.trainer.share_prompts = share
-        exp = trainer._make_experience(batch, rewards)
-        for m in models:
-            m.zero_grad(set_to_none=True)
-        totals, _ = trainer.accumulate_gradients(exp, idx)
-        results[share] = (exp, totals["loss/total"], [g for m in models for g in _grads(m)])
-    (exp_full, loss_full, grads_full), (exp_shared, loss_shared, grads_shared) = (
-        results[False],
-        results[True],
-    )
-    for name in ("old_logp", "ref_logp", "old_values", "advantages", "returns"):
-        full, shared = getattr(exp_full, name), getattr(exp_shared, name)
-        if full is not None:
-            torch.testing.assert_close(shared, full, msg=name)
-    torch.testing.assert_close(loss_shared, loss_full)
+    trainer.cfg.trainer.share_prompts = False
+    full = experience_and_gradients(trainer, batch, rewards, models)
+    assert not calls  # nothing shared while share_prompts was off
+    trainer.cfg.trainer.share_prompts = True
+    assert_same_update(experience_and_gradients(trainer, batch, rewards, models), full)
     assert calls  # the shared path did run
-    assert any(g.abs().sum() > 0 for g in grads_full)
-    for shared, full in zip(grads_shared, grads_full, strict=True):
-        torch.testing.assert_close(shared, full)
 
 
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
 def test_padding_completions_leaves_the_update_unchanged(objective, tiny_model_dir, tmp_path):
     """Several processes pad their completions to the longest of any rank; the extra masked
     columns must change no log-prob, advantage, loss or gradient."""
-    cfg = small_config(
-        tiny_model_dir, tmp_path, *OBJECTIVES[objective], "trainer.micro_batch_size=4"
-    )
-    trainer = Trainer(cfg)
-    trainer.harness.start_step()
-    torch.manual_seed(7)
-    batch = trainer._rollout([p.question for p in trainer.sampler.next_batch()])
-    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0])
-    idx = torch.arange(batch.num_sequences)
-    models = [trainer.policy] + ([trainer.critic] if trainer.critic is not None else [])
+    trainer, batch, rewards, models = rollout_for_update(objective, tiny_model_dir, tmp_path, 7)
     c = batch.completion_len
-    results = []
-    for b in (batch, batch.pad_completions(c + 3, trainer.tokenizer.pad_token_id)):
-        exp = trainer._make_experience(b, rewards)
-        for m in models:
-            m.zero_grad(set_to_none=True)
-        totals, _ = trainer.accumulate_gradients(exp, idx)
-        results.append((exp, totals["loss/total"], [g for m in models for g in _grads(m)]))
-    (exp, loss, grads), (exp_pad, loss_pad, grads_pad) = results
-    assert exp_pad.advantages.shape[1] == c + 3
-    for name in ("old_logp", "ref_logp", "old_values", "advantages", "returns"):
-        full = getattr(exp, name)
-        if full is not None:
-            padded = getattr(exp_pad, name)
-            torch.testing.assert_close(padded[:, :c], full, msg=name)
-            assert (padded[:, c:] == 0).all(), name
-    torch.testing.assert_close(loss_pad, loss)
-    for a, b in zip(grads_pad, grads, strict=True):
-        torch.testing.assert_close(a, b)
+    plain = experience_and_gradients(trainer, batch, rewards, models)
+    padded = batch.pad_completions(c + 3, trainer.tokenizer.pad_token_id)
+    assert padded.completion_len == c + 3
+    assert_same_update(experience_and_gradients(trainer, padded, rewards, models), plain, c)
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_chunked_lm_head_leaves_the_update_unchanged(objective, tiny_model_dir, tmp_path):
+    """trainer.max_logit_elements reaches every forward: at 1 the LM head runs chunk by chunk
+    on the hidden states (the model returns no logits), with the same update as at null."""
+    trainer, batch, rewards, models = rollout_for_update(objective, tiny_model_dir, tmp_path, 9)
+    assert batch.completion_len > 2  # so the model's own path would call the head on C-1 > 1
+    trainer.cfg.trainer.max_logit_elements = None
+    whole = experience_and_gradients(trainer, batch, rewards, models)
+    head = trainer.generation_model.get_output_embeddings()
+    seen = []
+    hook = head.register_forward_hook(lambda module, args, out: seen.append(out.shape[1]))
+    trainer.cfg.trainer.max_logit_elements = 1
+    experience_and_gradients(trainer, batch, rewards, models)  # the one-time head check
+    seen.clear()
+    chunked = experience_and_gradients(trainer, batch, rewards, models)
+    hook.remove()
+    assert seen and max(seen) == 1  # only single-position chunks (or no positions at all)
+    assert_same_update(chunked, whole)
