@@ -7,6 +7,7 @@ logits are transformed after the head is refused, and the critic is unaffected."
 import pytest
 import tiny_models
 import torch
+from tiny_models import assert_same_outputs
 from transformers import AutoModelForCausalLM, Gemma2Config
 
 from grpo_lab import models
@@ -143,15 +144,6 @@ def chunked_run(forward, model, batch, recorder, **kwargs):
     expected = [2, 2, 1] if forward == "full" else [1, 2, 2]
     assert [shape[1] for shape in chunks] == expected
     return out
-
-
-def assert_same_outputs(expected, actual):
-    for name in ("logp", "entropy", "values"):
-        want, got = getattr(expected, name), getattr(actual, name)
-        assert (want is None) == (got is None), name
-        if want is not None:
-            assert got.dtype == torch.float32
-            torch.testing.assert_close(got, want, msg=name)
 
 
 @pytest.mark.parametrize("forward", FORWARDS)

@@ -8,6 +8,7 @@ import functools
 import pytest
 import tiny_models
 import torch
+from tiny_models import assert_same_outputs
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from grpo_lab import models
@@ -64,15 +65,6 @@ def both(model, batch, **kwargs):
     )
     shared = shared_prompt_completion_forward(model, *batch, **kwargs)
     return full, shared
-
-
-def assert_same_outputs(full, shared):
-    for name in ("logp", "entropy", "values"):
-        expected, actual = getattr(full, name), getattr(shared, name)
-        assert (actual is None) == (expected is None), name
-        if expected is not None:
-            assert actual.dtype == torch.float32
-            torch.testing.assert_close(actual, expected, msg=name)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

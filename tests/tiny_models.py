@@ -81,3 +81,13 @@ def split_batch(
             completion_ids[i, length:] = pad_id
             completion_mask[i, length:] = 0
     return prompt_ids, prompt_mask, completion_ids, completion_mask
+
+
+def assert_same_outputs(expected, actual) -> None:
+    """Two ``CompletionOutputs``: the same fields present, each float32 and close."""
+    for name in ("logp", "entropy", "values"):
+        want, got = getattr(expected, name), getattr(actual, name)
+        assert (want is None) == (got is None), name
+        if want is not None:
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, want, msg=name)
