@@ -527,38 +527,45 @@ def _kept_positions_forward(
     log-probs (entropy, values) of ``targets`` ([N, C'] each).
 
     Three ways, decided per call: the model's own logits (below the threshold, or where the
-    head does not qualify or failed its check); the model's own logits plus the one-time head
-    check (first call for this model and train/eval mode); or the chunked head.
+    head does not qualify or failed its check); the chunked head; or, on the first call for
+    this model and train/eval mode, the one-time head check: the model is asked for the logits
+    of its last position only, which are compared with the head applied to that position's
+    hidden state. If they agree the same call continues on the chunked path, so the full
+    logits are never materialised; if not, a second call takes the model's own logits.
 
-    NOTE: on the chunked path the model still calls its head, on the empty selection, so the
-    head's parameters (and any adapter on it) are reachable from the model's outputs: DDP with
-    ``find_unused_parameters`` does not mark them unused before the chunks use them.
+    NOTE: on the chunked path the model still calls its head, on the empty selection (or the
+    checked position), so the head's parameters (and any adapter on it) are reachable from the
+    model's outputs: DDP with ``find_unused_parameters`` does not mark them unused before the
+    chunks use them.
     """
     # Of the K kept positions the first C' predict targets; slicing from the end also covers a
     # model that ignored logits_to_keep.
     window = slice(-keep, (targets.shape[1] - keep) or None)
     head = _chunkable_head(model, targets.shape[0] * keep, max_logit_elements)
     verdict = None if head is None else _HEAD_CHECKS.get(head.lm, {}).get(head.lm.training)
-    if head is not None and verdict:
+    if head is not None and verdict is not False:
         extra = {"values_to_keep": keep} if head.with_values else {}
-        no_positions = torch.empty(0, dtype=torch.long, device=targets.device)  # [0]
-        out = model(**inputs, logits_to_keep=no_positions, output_hidden_states=True, **extra)
-        logp, entropy = _head_logprobs(
-            head,
-            out.hidden_states[-1][:, window],  # [N, C', H]
-            targets,
-            temperature=temperature,
-            compute_entropy=compute_entropy,
-            chunk_size=chunk_size,
-            max_logit_elements=max_logit_elements,
-        )
-        values = out.values[:, window].float() if isinstance(out, ValueModelOutput) else None
-        return CompletionOutputs(logp=logp, entropy=entropy, values=values)
+        length = inputs["input_ids"].shape[1]
+        # [1] the last position for the check, else [0]: no logits at all
+        selected = torch.arange(length - 1 if verdict is None else length, length)
+        selected = selected.to(targets.device)
+        out = model(**inputs, logits_to_keep=selected, output_hidden_states=True, **extra)
+        if verdict is None:
+            verdict = _check_head(head, out.hidden_states[-1][:, -1:], out.logits[:, -1:])
+        if verdict:
+            logp, entropy = _head_logprobs(
+                head,
+                out.hidden_states[-1][:, window],  # [N, C', H]
+                targets,
+                temperature=temperature,
+                compute_entropy=compute_entropy,
+                chunk_size=chunk_size,
+                max_logit_elements=max_logit_elements,
+            )
+            values = out.values[:, window].float() if isinstance(out, ValueModelOutput) else None
+            return CompletionOutputs(logp=logp, entropy=entropy, values=values)
 
-    check = head is not None and verdict is None
-    out = model(**inputs, logits_to_keep=keep, **({"output_hidden_states": True} if check else {}))
-    if check:
-        _check_head(head, out.hidden_states[-1][:, -1:], out.logits[:, -1:])
+    out = model(**inputs, logits_to_keep=keep)
     logp = entropy = values = None
     if out.logits is not None:
         logp, entropy = token_logprobs(
@@ -668,9 +675,10 @@ def _check_head(
     head: _LMHead,
     hidden: Tensor,  # [N, 1, H] the model's last hidden state at its last position
     logits: Tensor,  # [N, 1, V] the model's own logits there
-) -> None:
-    """Record whether the head module applied to ``hidden`` gives ``logits`` (assert_close's
-    default tolerances of the coarser dtype; NaN matches NaN), warning when it does not.
+) -> bool:
+    """Record and return whether the head module applied to ``hidden`` gives ``logits``
+    (assert_close's default tolerances of the coarser dtype; NaN matches NaN), warning when it
+    does not.
 
     NOTE: the check runs once per causal LM and train/eval mode, on one position. It catches
     a transform the config fields do not name, but one that is numerically invisible at that
@@ -692,6 +700,7 @@ def _check_head(
             f"{'train' if head.lm.training else 'eval'} mode",
             stacklevel=4,
         )
+    return ok
 
 
 def _head_logprobs(

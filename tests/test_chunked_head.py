@@ -206,6 +206,24 @@ def test_gradients_equal_model_logits_path(kind, arch, tied, forward, checkpoint
         assert tied != any(n.endswith("lm_head.weight") for n in expected)
 
 
+@pytest.mark.parametrize("forward", FORWARDS)
+@pytest.mark.parametrize("kind", ["lm", "policy"])
+def test_checking_call_under_autograd_has_the_same_gradients(kind, forward):
+    """The first call checks the head on one position and goes on in chunks from the same
+    forward: under autograd its gradients are those of the model's own logits."""
+    model = make_model(kind).train()
+    recorder = Recorder(model)
+    batch = make_batch()
+    expected = gradients(model, lambda: run(forward, model, batch, None), batch[3])
+    recorder.clear()
+    actual = gradients(model, lambda: run(forward, model, batch, SMALL), batch[3])
+    assert recorder.model_logits[-1][1] == 1  # this was the checking call
+    assert models._HEAD_CHECKS[lm_of(model)] == {True: True}
+    assert actual.keys() == expected.keys()
+    for name, grad in expected.items():
+        torch.testing.assert_close(actual[name], grad, msg=name)
+
+
 @pytest.mark.parametrize("forward, kept", [("full", C + 1), ("shared", C - 1)])
 def test_threshold(forward, kept):
     """The chunked head is used only while N * K * V > max_logit_elements, K the positions the
@@ -220,17 +238,22 @@ def test_threshold(forward, kept):
             run(forward, lm, batch, limit)
             assert recorder.model_logits[-1] == (N, kept, VOCAB)
             assert (N, kept, 32) in recorder.head_inputs and len(recorder.head_inputs) <= 2
+        # Chunks of K-1 positions: completion_forward reduces its C = K-1, the shared
+        # completion pass its C-1 = K (the prompt pass's own head call comes first).
+        chunks = [C] if forward == "full" else [kept - 1, 1]
+        prompt_head = [] if forward == "full" else [1]
         recorder.clear()
-        run(forward, lm, batch, at_threshold - 1)  # the one-time check: the model's logits
-        assert recorder.model_logits[-1] == (N, kept, VOCAB)
-        assert recorder.head_inputs[-1] == (N, 1, 32)  # the checked position
+        # The one-time check: the model's own logits of its last position only, the head on
+        # that position's hidden state, then the same call goes on in chunks.
+        run(forward, lm, batch, at_threshold - 1)
+        assert recorder.model_logits[-1] == (N, 1, VOCAB)
+        positions = [shape[1] for shape in recorder.head_inputs if shape[1] != 0]
+        assert positions == prompt_head + [1, 1] + chunks
         recorder.clear()
         run(forward, lm, batch, at_threshold - 1)
         assert recorder.model_logits[-1] == (N, 0, VOCAB)
-        # Chunks of K-1 positions: completion_forward reduces its C = K-1, the shared
-        # completion pass its C-1 = K (the prompt pass's own head call comes first).
-        chunks = [shape[1] for shape in recorder.head_inputs if shape[1] != 0]
-        assert chunks == ([C] if forward == "full" else [1, kept - 1, 1])
+        positions = [shape[1] for shape in recorder.head_inputs if shape[1] != 0]
+        assert positions == prompt_head + chunks
 
 
 @pytest.mark.parametrize("forward", FORWARDS)
@@ -269,10 +292,10 @@ def test_check_runs_once_per_train_and_eval_mode():
             run("full", lm, batch, SMALL)
         return recorder.model_logits[-1][1]
 
-    lm.eval()
-    assert [model_logit_positions() for _ in range(3)] == [C + 1, 0, 0]
+    lm.eval()  # the checking call asks the model for its last position's logits only
+    assert [model_logit_positions() for _ in range(3)] == [1, 0, 0]
     lm.train()
-    assert [model_logit_positions() for _ in range(2)] == [C + 1, 0]
+    assert [model_logit_positions() for _ in range(2)] == [1, 0]
     lm.eval()
     assert model_logit_positions() == 0
 
