@@ -662,8 +662,12 @@ class StaticCacheBackend(SharedPrefixBackend):
     ) -> DynamicCache:
         """A cache with one :class:`StaticSlotLayer` per prefilled layer (layers the model
         left empty stay as they are). Compiled steps reuse the last one with the same layout."""
-        layout = tuple(
-            (tuple(layer.keys.shape[1:]), tuple(layer.values.shape[1:]), layer.keys.dtype)
+        layout = tuple(  # per layer: (key heads, key dim), (value heads, value dim), dtype
+            (
+                (layer.keys.shape[1], layer.keys.shape[-1]),
+                (layer.values.shape[1], layer.values.shape[-1]),
+                layer.keys.dtype,
+            )
             if layer.is_initialized
             else None
             for layer in prefilled.layers
@@ -698,13 +702,13 @@ class StaticSlotLayer(DynamicLayer):
         self,
         n: int,
         capacity: int,
-        spec: tuple[tuple[int, ...], tuple[int, ...], torch.dtype],
+        spec: tuple[tuple[int, int], tuple[int, int], torch.dtype],  # (heads, dim) of k, v
         device: torch.device,
     ):
         super().__init__()
-        (k_shape, v_shape, dtype), self.capacity = spec, capacity
-        self.keys = torch.zeros(n, k_shape[0], capacity, k_shape[2], dtype=dtype, device=device)
-        self.values = torch.zeros(n, v_shape[0], capacity, v_shape[2], dtype=dtype, device=device)
+        ((k_heads, k_dim), (v_heads, v_dim), dtype), self.capacity = spec, capacity
+        self.keys = torch.zeros(n, k_heads, capacity, k_dim, dtype=dtype, device=device)
+        self.values = torch.zeros(n, v_heads, capacity, v_dim, dtype=dtype, device=device)
         self.cursor = torch.zeros((), dtype=torch.long, device=device)
         self.device, self.is_initialized = device, True
         if not torch.compiler.is_compiling():  # fixed addresses: no graph break, no re-capture

@@ -771,7 +771,7 @@ def test_static_cache_rejects_other_attention_implementations():
 
 
 def test_static_slot_layer_writes_at_its_cursor():
-    layer = rollout.StaticSlotLayer(2, 5, ((1, 5, 3), (1, 5, 3), torch.float32), "cpu")
+    layer = rollout.StaticSlotLayer(2, 5, ((1, 3), (1, 3), torch.float32), "cpu")
     prefix = torch.arange(6.0).reshape(1, 1, 2, 3)  # b=1 row, 2 positions
     layer.load_prefix(prefix, -prefix, repeats=2)
     keys, values = layer.update(torch.full((2, 1, 1, 3), 9.0), torch.full((2, 1, 1, 3), -9.0))
@@ -789,11 +789,15 @@ def test_compiled_static_step_matches_generate_across_calls():
     kept cache buffers are reused by a second call with other prompts without stale state."""
     model = tiny_qwen(initializer_range=0.5)
     compiled = rollout.StaticCacheBackend(compile=True, capacity_multiple=16)
+    caches = []
+    # Prompts of 5 and then 4 positions: both fit one 16-slot buffer (5 + 10, 4 + 10 <= 16).
     for prompts in (RAGGED_PROMPTS, [[5, 6, 7, 8], [9], [3, 3, 3], [4, 4]]):
         hf, fast = both_backends(
             model, prompts, compiled, group_size=3, max_new_tokens=10, eos_token_id=2
         )
         assert_same_rollout(hf, fast)
+        caches.append(compiled._kept[1])
+    assert caches[0] is caches[1]  # the same buffers, stale from the first call
 
 
 def test_shared_prefix_with_peft_lora():
