@@ -1068,12 +1068,18 @@ def _check_shared_prompt_inputs(
         )
 
 
+def attention_implementation(model: nn.Module) -> str | None:
+    """The attention implementation of the first transformers model inside ``model`` (under
+    any wrappers); None when it holds none."""
+    inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    return None if inner is None else inner.config._attn_implementation
+
+
 def _check_shared_prompt_model(model: nn.Module) -> None:
     """ValueError unless the model's cache, masks and checkpointing suit the shared prefix."""
-    inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
-    if inner is None:
+    attn = attention_implementation(model)
+    if attn is None:
         raise ValueError(f"{type(model).__name__}: holds no transformers PreTrainedModel")
-    attn = inner.config._attn_implementation
     if attn not in SHARED_PROMPT_ATTENTION:
         raise ValueError(
             f"{type(model).__name__}: attention implementation {attn!r} is not supported by the "

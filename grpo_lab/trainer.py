@@ -32,7 +32,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from transformers import PreTrainedModel
 
 from grpo_lab import algos, distributed
 from grpo_lab.checkpoint import (
@@ -57,6 +56,7 @@ from grpo_lab.models import (
     SHARED_PROMPT_ATTENTION,
     PolicyWithValueHead,
     apply_lora,
+    attention_implementation,
     completion_forward,
     load_causal_lm,
     load_critic,
@@ -339,9 +339,7 @@ class Trainer:
     def _attention(self, model) -> str | None:
         """The attention implementation of the transformers model inside ``model``'s wrappers."""
         if id(model) not in self._attn_cache:
-            inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
-            impl = None if inner is None else inner.config._attn_implementation
-            self._attn_cache[id(model)] = impl
+            self._attn_cache[id(model)] = attention_implementation(model)
         return self._attn_cache[id(model)]
 
     def _no_grad_forward(self, model, batch: RolloutBatch, *wants: str) -> tuple[torch.Tensor, ...]:
