@@ -878,7 +878,7 @@ def shared_prompt_completion_forward(
     """
     _check_shared_prompt_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask)
     _check_shared_prompt_model(model)
-    n, prompt_len = prompt_ids.shape
+    prompt_len = prompt_ids.shape[1]
     completion_len = completion_ids.shape[1]
 
     # Padding ids never reach a real position (padded keys are masked out), so rows are keyed on
@@ -886,10 +886,9 @@ def shared_prompt_completion_forward(
     key = prompt_ids.masked_fill(prompt_mask == 0, -1)  # [N, P]
     unique_keys, inverse = torch.unique(key, dim=0, return_inverse=True)  # [U, P], [N]
     num_unique = unique_keys.shape[0]
-    rows = torch.arange(n, device=inverse.device)
-    first = torch.full((num_unique,), n, device=inverse.device)
-    first = first.scatter_reduce(0, inverse, rows, reduce="amin")  # [U] one row per prompt
-    unique_ids, unique_mask = prompt_ids[first], prompt_mask[first]  # [U, P]
+    # The distinct prompts are the keys themselves; any id fills their (masked) padding.
+    unique_mask = (unique_keys >= 0).to(prompt_mask.dtype)  # [U, P]
+    unique_ids = unique_keys.clamp(min=0)  # [U, P]
 
     recorder = Cache(layer_class_to_replicate=_RecordingLayer)
     with _cache_survives_checkpointing(model):
