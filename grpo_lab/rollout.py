@@ -454,7 +454,7 @@ class SharedPrefixBackend(_ChunkedBackend):
         device = next(lm.parameters()).device
         prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompt_tokens, d.pad_id))
         n = prompt_ids.shape[0] * g
-        cache = _preallocated_cache(lm, capacity=prompt_ids.shape[1] + d.max_new_tokens)
+        cache = _preallocated_cache(lm, capacity=self.prefill_capacity(prompt_ids.shape[1], d))
         keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(lm) else {}
         logits = _last_logits(  # [b, V]
             lm, prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask), cache, **keep
@@ -489,6 +489,11 @@ class SharedPrefixBackend(_ChunkedBackend):
         prompt_ids = prompt_ids.repeat_interleave(g, dim=0)  # [n, P]
         prompt_mask = prompt_mask.repeat_interleave(g, dim=0)
         return _finish_chunk(prompt_ids, prompt_mask, completion, torch.stack(logps, dim=1), d)
+
+    def prefill_capacity(self, prompt_len: int, decoding: Decoding) -> int:
+        """Positions the prefill cache is allocated with: the whole rollout, since this engine
+        decodes into the same cache."""
+        return prompt_len + decoding.max_new_tokens
 
     def decoder(
         self,
@@ -608,6 +613,10 @@ class StaticCacheBackend(SharedPrefixBackend):
     ) -> RolloutBatch:
         _attention_mask_4d(lm, torch.ones(1, 1, 1, 1, dtype=torch.bool))  # fail before prefill
         return super().generate_chunk(lm, prompt_tokens, decoding)
+
+    def prefill_capacity(self, prompt_len: int, decoding: Decoding) -> int:
+        """The prompt only: decoding happens in the static cache the prefill is copied to."""
+        return prompt_len
 
     def decoder(
         self,
