@@ -29,7 +29,12 @@ Decisions
   ``(1, 2)`` is both an open interval and an ordered pair; math-verify parses it as an interval
   but lets it match the pair ``1, 2`` in that order.
 * **Equations**: a single-variable assignment matches its value (``x=3`` equals ``3``, either side)
-  and equations match when they are the same relation (``y=2x+1`` equals ``y=1+2x``).
+  and equations match when they are the same relation (``y=2x+1`` equals ``y=1+2x``); lists of
+  assignments match in any order (``a = 4, b = 7`` equals ``b=7,a=4``).
+* **Text answers** (a gold that is a word, or is wrapped in ``\\text{}``) compare in-process after
+  dropping ``\\text``/``\\mathrm``/``\\textbf``-like wrappers, spaces and case: ``$\\text{Even}$``
+  equals ``even`` and ``(C)`` equals ``\\text{(C)}``; anything else is wrong. Word answers never reach
+  sympy, which would read ``east`` as the product ``e*a*s*t`` (equal to ``seat``).
 * **Symbolic expressions** are equal when sympy proves it (``\\sqrt{8}`` equals ``2\\sqrt{2}``,
   ``(x+1)^2`` equals ``x^2+2x+1``); ``\\pi`` equals ``3.14159265`` within 6 decimals but not
   ``3.14``.
@@ -51,7 +56,7 @@ import math
 import re
 from fractions import Fraction
 
-from grpo_lab.rewards.normalize import compact_latex, parse_number
+from grpo_lab.rewards.normalize import compact_latex, parse_number, text_key
 from grpo_lab.rewards.sandbox import VerifierPool, get_default_pool
 
 __all__ = [
@@ -117,10 +122,21 @@ def _numbers_equal(pred: Fraction, gold: Fraction) -> bool:
     return abs(pred - gold) <= RELATIVE_TOLERANCE * abs(gold)
 
 
+def _gold_text_key(gold: str) -> str | None:
+    """The text key of a gold that is a word answer: ``\\text{...}``-wrapped, or two letters or more."""
+    key = text_key(gold)
+    if key is None or (len(key) < 2 and "\\" not in gold):
+        return None  # a lone letter is a variable unless the gold wrote it as text
+    return key
+
+
 def fast_equiv(pred: str, gold: str) -> bool | None:
     """Decide in-process if possible: ``True``/``False``, or ``None`` when sympy is needed."""
     if pred == gold or compact_latex(pred) == compact_latex(gold):
         return True
+    gold_key = _gold_text_key(gold)
+    if gold_key is not None:
+        return text_key(pred) == gold_key
     gold_value = parse_number(gold)
     if gold_value is None:
         return None

@@ -25,6 +25,20 @@ words that change the value or the meaning (``pi``, ``or``, ``million``, ``squar
 stripped, so such answers are not plain numbers and go to the symbolic checker.
 
 NOTE: the percent sign is a unit and is dropped: ``50%`` reads as 50, not 0.5.
+
+Text answers (:func:`text_key`)
+-------------------------------
+Answers that are words (``even``, ``\\text{Monday}``, ``\\textbf{(C)}``) compare as text: the
+key drops math delimiters, the wrappers ``\\text``/``\\textbf``/``\\textit``/``\\textrm``/
+``\\mathrm``/``\\mathbf``/``\\mbox``/``\\emph``, whitespace, a trailing period and the
+parentheses around a single choice letter, and is lower-cased; it is ``None`` unless what is left
+is letters only (with ``'`` and ``-`` inside words). So ``$\\text{Even}$`` and ``even`` share the
+key ``even``, while ``x^2`` or ``3`` have none.
+
+Assignments (:func:`assignment_value`)
+--------------------------------------
+``x = 3``, ``k=17``, ``a_1 = \\frac{1}{2}``: one variable (a letter, optionally subscripted)
+set to a value; the value string is returned so that it can be compared on its own.
 """
 
 from __future__ import annotations
@@ -32,7 +46,7 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-__all__ = ["compact_latex", "parse_number"]
+__all__ = ["assignment_value", "compact_latex", "parse_number", "text_key"]
 
 # Longer strings are not plain numbers: keeps int() far from its 4300-digit conversion limit.
 MAX_NUMBER_CHARS = 400
@@ -163,3 +177,51 @@ def compact_latex(text: str) -> str:
     s = _LEFT_RIGHT.sub("", _SPACING.sub("", s))
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     return "".join(s.split()).rstrip(".")
+
+
+_TEXT_COMMAND = re.compile(
+    r"\\(?:text|textbf|textit|textrm|textsf|texttt|mathrm|mathbf|mathit|mathsf|mbox|emph)\s*\{"
+)
+_TEXT_WORDS = re.compile(r"[a-z]+(?:['-][a-z]+)*")
+_CHOICE = re.compile(r"\(([a-z])\)")
+_ASSIGNMENT = re.compile(
+    r"\s*[A-Za-z](?:_\{?[A-Za-z0-9]{1,3}\}?)?\s*=(?![=<>])\s*(?P<value>[^=<>]+)"
+)
+
+
+def _drop_text_commands(s: str) -> str:
+    """``s`` with every ``\\text{...}``-like wrapper replaced by its (brace-balanced) content."""
+    while (match := _TEXT_COMMAND.search(s)) is not None:
+        depth, i = 1, match.end()
+        while i < len(s) and depth:
+            if s[i] == "\\":
+                i += 2
+                continue
+            depth += {"{": 1, "}": -1}.get(s[i], 0)
+            i += 1
+        if depth:
+            return s  # unbalanced: leave it to the symbolic path
+        s = s[: match.start()] + s[match.end() : i - 1] + s[i:]
+    return s
+
+
+def text_key(text: str) -> str | None:
+    """Comparison key of a word answer (see the module doc), or ``None`` if it is not one."""
+    if len(text) > MAX_NUMBER_CHARS:
+        return None
+    s = _drop_text_commands(_unwrap(text))
+    s = "".join(_SPACING.sub(" ", s).split()).rstrip(".").lower()
+    s = _CHOICE.sub(r"\1", s)
+    return s if _TEXT_WORDS.fullmatch(s) else None
+
+
+def assignment_value(text: str) -> str | None:
+    """The value of a one-variable assignment (``x = 3`` -> ``3``), else ``None``.
+
+    Only one ``=`` is allowed and no list: ``a = 4, b = 7`` and ``y = 2x = 4`` are not assignments.
+    """
+    s = _unwrap(text)
+    match = _ASSIGNMENT.fullmatch(s)
+    if match is None or "," in match["value"]:
+        return None
+    return match["value"].strip()

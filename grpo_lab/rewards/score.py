@@ -1,7 +1,8 @@
 """Rule-based math reward: completion + gold answer -> 1.0 (correct) or 0.0.
 
 Pipeline per item: reduce the gold to its answer (``extract.gold_answer``), extract the final answer
-of the completion (``extract.extract_final``), then compare (``equivalence.compare``: in-process
+of the completion (``extract.extract_final``; several values offered for a gold with as many parts
+are joined into one answer, ``extract.resolve_parts``), then compare (``equivalence.compare``: in-process
 fast path, in-process pre-screen, otherwise a sandboxed worker with a hard time bound).
 
 Statuses (``ScoreResult.status``)
@@ -10,7 +11,9 @@ Statuses (``ScoreResult.status``)
 ``wrong``        an answer was extracted and compared, and it is not equal to the gold.
 ``no_answer``    no final answer was found (no marker, unbalanced ``\\boxed{``, answer only inside
                  ``<think>``, unclosed ``<think>``, ...).
-``hedged``       the completion commits to more than one final answer (``extract.py`` defines it).
+``hedged``       the completion commits to more than one final answer (``extract.py`` defines it);
+                 several values against a gold with as many parts are one multi-part answer
+                 instead (``extract.resolve_parts``) and are compared.
 ``timeout``      the symbolic comparison ran past ``timeout_s`` and its worker was killed.
 ``parse_error``  the answer was refused by the pre-screen (too long, dangerous), math-verify could
                  not read it, or the worker raised (e.g. ``MemoryError``) or died.
@@ -22,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from grpo_lab.rewards.equivalence import DEFAULT_MAX_CHARS, compare
-from grpo_lab.rewards.extract import extract_final, gold_answer
+from grpo_lab.rewards.extract import extract_final, gold_answer, resolve_parts
 from grpo_lab.rewards.sandbox import VerifierPool
 
 __all__ = ["STATUSES", "ScoreResult", "math_reward", "score_batch"]
@@ -37,8 +40,8 @@ class ScoreResult:
     Attributes:
         score: 1.0 when ``status == "correct"``, else 0.0.
         status: one of :data:`STATUSES` (see the module docstring).
-        extracted: the extracted final answer; for ``"hedged"`` the last candidate; ``None`` when
-            nothing was extracted.
+        extracted: the extracted final answer (a multi-part answer joined as the gold is written);
+            for ``"hedged"`` the last candidate; ``None`` when nothing was extracted.
     """
 
     score: float
@@ -87,12 +90,16 @@ def score_batch(
     compare_index: list[int] = []
     for i, (completion, gold) in enumerate(zip(completions, golds)):
         found = extract_final(completion)
+        gold_text = gold_answer(gold)
+        answer = found.answer
+        if found.hedged:
+            answer = resolve_parts(found, gold_text)  # a multi-part answer to a multi-part gold
         if found.answer is None:
             results[i] = ScoreResult(0.0, "no_answer", None)
-        elif found.hedged:
+        elif answer is None:
             results[i] = ScoreResult(0.0, "hedged", found.answer)
         else:
-            to_compare.append((found.answer, gold_answer(gold)))
+            to_compare.append((answer, gold_text))
             compare_index.append(i)
     statuses = compare(to_compare, timeout_s=timeout_s, max_chars=max_chars, pool=pool)
     for i, (pred, _), status in zip(compare_index, to_compare, statuses, strict=True):
