@@ -28,6 +28,9 @@ Decisions
 * **Intervals keep their openness**: ``(1, 2]`` differs from ``(1, 2)`` and ``[1, 2]``. NOTE:
   ``(1, 2)`` is both an open interval and an ordered pair; math-verify parses it as an interval
   but lets it match the pair ``1, 2`` in that order.
+* **Inequalities against intervals**: ``x > 2`` equals ``(2, \\infty)`` and ``-1 \\le x < 3``
+  equals ``[-1, 3)`` (the inequality is rewritten as its interval, ``normalize.inequality_interval``;
+  math-verify alone says they differ).
 * **Equations**: a single-variable assignment matches its value (``x=3`` equals ``3``, either side)
   and equations match when they are the same relation (``y=2x+1`` equals ``y=1+2x``); lists of
   assignments match in any order (``a = 4, b = 7`` equals ``b=7,a=4``).
@@ -56,7 +59,13 @@ import math
 import re
 from fractions import Fraction
 
-from grpo_lab.rewards.normalize import compact_latex, parse_number, text_key
+from grpo_lab.rewards.normalize import (
+    compact_latex,
+    inequality_interval,
+    looks_like_interval,
+    parse_number,
+    text_key,
+)
 from grpo_lab.rewards.sandbox import VerifierPool, get_default_pool
 
 __all__ = [
@@ -130,6 +139,15 @@ def _gold_text_key(gold: str) -> str | None:
     return key
 
 
+def _as_intervals(pred: str, gold: str) -> tuple[str, str]:
+    """An inequality compared with an interval is rewritten as the interval it describes."""
+    if "," in gold and (interval := inequality_interval(pred)) and looks_like_interval(gold):
+        return interval, gold
+    if "," in pred and (interval := inequality_interval(gold)) and looks_like_interval(pred):
+        return pred, interval
+    return pred, gold
+
+
 def fast_equiv(pred: str, gold: str) -> bool | None:
     """Decide in-process if possible: ``True``/``False``, or ``None`` when sympy is needed."""
     if pred == gold or compact_latex(pred) == compact_latex(gold):
@@ -164,6 +182,7 @@ def compare(
         if prescreen(pred, max_chars=max_chars) or prescreen(gold, max_chars=max_chars):
             statuses[i] = "parse_error"
             continue
+        pred, gold = _as_intervals(pred, gold)
         decided = fast_equiv(pred, gold)
         if decided is not None:
             statuses[i] = "correct" if decided else "wrong"

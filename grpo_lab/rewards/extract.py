@@ -61,7 +61,9 @@ A completion is *hedged* (it scores 0) when
   deliberately string-level for non-numbers, so ``\\boxed{\\sqrt{2}/2}`` followed by
   ``\\boxed{\\frac{\\sqrt{2}}{2}}`` counts as hedging; repeating the same answer is fine; or
 * the chosen answer is a disjunction: it contains the word ``or`` (plain or inside ``\\text{}``)
-  with something on both sides, e.g. "3 or 4".
+  with something on both sides, e.g. "3 or 4", and its sides do not all agree ("$\\frac{1}{2}$
+  or $0.5$" is the answer ``\\frac{1}{2}``). Inequalities joined by "or" are one answer, their
+  union: ``x < -1 \\text{ or } x > 3`` is ``(-\\infty, -1) \\cup (3, \\infty)``.
 
 Multi-part answers
 ------------------
@@ -82,6 +84,7 @@ from dataclasses import dataclass
 from grpo_lab.rewards.normalize import (
     assignment_value,
     compact_latex,
+    inequality_interval,
     parse_number,
     text_key,
 )
@@ -573,7 +576,15 @@ def _extraction(candidates: list[str], rule: str) -> Extraction:
     if len(distinct) > 1:
         return Extraction(answer, rule, tuple(candidates), True, tuple(distinct))
     if is_disjunction(answer):
-        return Extraction(answer, rule, tuple(candidates), True, tuple(_disjuncts(answer)))
+        sides = _disjuncts(answer)
+        intervals = [inequality_interval(side) for side in sides]
+        if len(sides) > 1 and all(intervals):
+            # "x < -1 or x > 3" is one answer, the union (-\infty, -1) \cup (3, \infty)
+            return Extraction(" \\cup ".join(intervals), rule, tuple(candidates), False)
+        if len(_distinct(sides)) > 1:
+            return Extraction(answer, rule, tuple(candidates), True, tuple(sides))
+        # "$\frac{1}{2}$ or $0.5$": one value written twice is not a hedge
+        return Extraction(sides[0], rule, tuple(candidates), False)
     return Extraction(answer, rule, tuple(candidates), False)
 
 
@@ -651,9 +662,10 @@ def _top_level_split(s: str) -> list[str]:
 def gold_parts(gold: str) -> tuple[list[str], str]:
     """The parts of a gold answer and how they combine: ``"list"``, ``"set"`` or ``"tuple"``.
 
-    ``1, 2`` and ``(1, 2), (4, 5)`` and ``m = 3, n = 8`` are lists (two parts); ``\\{1, 2\\}`` is a
-    set and ``(3, 8)`` a tuple (ordered pair) of two parts; a number (``1,234`` included), an
-    interval with ``\\infty`` or a half-open bracket, and any other single expression have one.
+    ``1, 2``, ``(1, 2), (4, 5)``, ``m = 3, n = 8`` and ``1 \\pm \\sqrt{2}`` are lists (two parts);
+    ``\\{1, 2\\}`` is a set and ``(3, 8)`` a tuple (ordered pair) of two parts; a number
+    (``1,234`` included), an interval with ``\\infty`` or a square bracket, and any other single
+    expression have one.
     """
     s = compact_latex(gold_answer(gold)) if gold.strip() else ""
     if not s or parse_number(s) is not None:
@@ -661,6 +673,8 @@ def gold_parts(gold: str) -> tuple[list[str], str]:
     parts = _top_level_split(s)
     if len(parts) > 1:
         return parts, "list"
+    if s.count("\\pm") == 1 and "(" not in s:
+        return [s.replace("\\pm", "+"), s.replace("\\pm", "-")], "list"  # `1 \pm \sqrt{2}`
     for opener, closer, kind in (("\\{", "\\}", "set"), ("(", ")", "tuple")):
         if s.startswith(opener) and s.endswith(closer) and "\\infty" not in s:
             return _top_level_split(s[len(opener) : -len(closer)]), kind

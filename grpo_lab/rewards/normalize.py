@@ -39,6 +39,12 @@ Assignments (:func:`assignment_value`)
 --------------------------------------
 ``x = 3``, ``k=17``, ``a_1 = \\frac{1}{2}``: one variable (a letter, optionally subscripted)
 set to a value; the value string is returned so that it can be compared on its own.
+
+Inequalities (:func:`inequality_interval`)
+------------------------------------------
+``x > 2``, ``x \\le -1``, ``-3 < x \\leq 5``, ``5 \\ge x > 1`` (one variable, one or two bounds)
+are rewritten as the interval they describe (``(2, \\infty)``, ``(-\\infty, -1]``, ``(-3, 5]``,
+``(1, 5]``), as strings, so that an inequality answer can be compared with an interval gold.
 """
 
 from __future__ import annotations
@@ -46,7 +52,14 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-__all__ = ["assignment_value", "compact_latex", "parse_number", "text_key"]
+__all__ = [
+    "assignment_value",
+    "compact_latex",
+    "inequality_interval",
+    "looks_like_interval",
+    "parse_number",
+    "text_key",
+]
 
 # Longer strings are not plain numbers: keeps int() far from its 4300-digit conversion limit.
 MAX_NUMBER_CHARS = 400
@@ -225,3 +238,62 @@ def assignment_value(text: str) -> str | None:
     if match is None or "," in match["value"]:
         return None
     return match["value"].strip()
+
+
+_RELATION = {
+    "<": ("<", False),
+    ">": (">", False),
+    "<=": ("<", True),
+    ">=": (">", True),
+    "\\le": ("<", True),
+    "\\leq": ("<", True),
+    "\\leqslant": ("<", True),
+    "\\ge": (">", True),
+    "\\geq": (">", True),
+    "\\geqslant": (">", True),
+    "\u2264": ("<", True),
+    "\u2265": (">", True),
+}
+_RELATION_RE = re.compile(
+    r"<=|>=|\\(?:leqslant|geqslant|leq|geq|le|ge)(?![A-Za-z])|[<>\u2264\u2265]"
+)
+_VARIABLE = re.compile(r"[A-Za-z]")
+
+
+def inequality_interval(text: str) -> str | None:
+    """The interval an inequality in one variable describes (see the module doc), or ``None``."""
+    s = _LEFT_RIGHT.sub("", _SPACING.sub(" ", _unwrap(text))).strip()
+    if len(s) > MAX_NUMBER_CHARS:
+        return None
+    relations = list(_RELATION_RE.finditer(s))
+    if not 1 <= len(relations) <= 2:
+        return None
+    pieces = [s[: relations[0].start()]]
+    pieces += [s[a.end() : b.start()] for a, b in zip(relations, relations[1:])]
+    pieces.append(s[relations[-1].end() :])
+    pieces = [p.strip() for p in pieces]
+    ops = [_RELATION[m.group()] for m in relations]
+    variables = [i for i, p in enumerate(pieces) if _VARIABLE.fullmatch(p)]
+    if len(variables) != 1 or any(not p or "=" in p for p in pieces):
+        return None
+    where = variables[0]
+    lower, upper = ("-\\infty", False), ("\\infty", False)
+    for k, (op, closed) in enumerate(ops):
+        left, right = pieces[k], pieces[k + 1]
+        if where == k:  # x op bound
+            bound = (right, closed)
+            lower, upper = (bound, upper) if op == ">" else (lower, bound)
+        elif where == k + 1:  # bound op x
+            bound = (left, closed)
+            lower, upper = (bound, upper) if op == "<" else (lower, bound)
+        else:
+            return None
+    if len(ops) == 2 and (lower[0] == "-\\infty" or upper[0] == "\\infty"):
+        return None  # "1 < x > 2": not an interval
+    return f"{'[' if lower[1] else '('}{lower[0]}, {upper[0]}{']' if upper[1] else ')'}"
+
+
+def looks_like_interval(text: str) -> bool:
+    """Whether ``text`` is written as an interval or a union of them (``(1, 2]``, ``[0, \\infty)``)."""
+    s = compact_latex(text)
+    return bool(re.fullmatch(r"[(\[][^,]+,[^,]+[)\]](?:\\cup[(\[][^,]+,[^,]+[)\]])*", s))
