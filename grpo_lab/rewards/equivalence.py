@@ -36,8 +36,8 @@ Decisions
   assignments match in any order (``a = 4, b = 7`` equals ``b=7,a=4``).
 * **Text answers** (a gold that is a word, or is wrapped in ``\\text{}``) compare in-process after
   dropping ``\\text``/``\\mathrm``/``\\textbf``-like wrappers, spaces and case: ``$\\text{Even}$``
-  equals ``even`` and ``(C)`` equals ``\\text{(C)}``; anything else is wrong. Word answers never reach
-  sympy, which would read ``east`` as the product ``e*a*s*t`` (equal to ``seat``).
+  equals ``even``, ``(C)`` and ``(C) 12`` equal ``\\text{(C)}``; anything else is wrong. Word
+  answers never reach sympy, which would read ``east`` as the product ``e*a*s*t`` (so ``seat``).
 * **Symbolic expressions** are equal when sympy proves it (``\\sqrt{8}`` equals ``2\\sqrt{2}``,
   ``(x+1)^2`` equals ``x^2+2x+1``); ``\\pi`` equals ``3.14159265`` within 6 decimals but not
   ``3.14``.
@@ -131,6 +131,10 @@ def _numbers_equal(pred: Fraction, gold: Fraction) -> bool:
     return abs(pred - gold) <= RELATIVE_TOLERANCE * abs(gold)
 
 
+# A multiple-choice letter at the start of an answer, followed by what the choice says.
+_CHOICE = re.compile(r"\s*(?:\\text(?:bf)?\{)?\(([A-Ea-e])\)\}?\s")
+
+
 def _gold_text_key(gold: str) -> str | None:
     """The text key of a gold that is a word answer: ``\\text{...}``-wrapped, or two letters or more."""
     key = text_key(gold)
@@ -154,6 +158,8 @@ def fast_equiv(pred: str, gold: str) -> bool | None:
         return True
     gold_key = _gold_text_key(gold)
     if gold_key is not None:
+        if len(gold_key) == 1 and (choice := _CHOICE.match(pred)) is not None:
+            pred = choice.group(1)  # a choice letter, then its content: "(B) 12"
         return text_key(pred) == gold_key
     gold_value = parse_number(gold)
     if gold_value is None:

@@ -109,19 +109,28 @@ _GSM8K = re.compile(r"####[ \t]*([^\n]*)")
 # followed by a long run of spaces costs quadratic time.
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*+\{")
 _BRACE_TOKEN = re.compile(r"\\.|[{}]", re.DOTALL)  # an escaped character, or a brace
+# Phrase markers are matched where the word "answer" starts: a literal search finds those fast,
+# and the patterns below are then tried at each (`.match`), never scanned over the whole text.
+_ANSWER_WORD = re.compile("answer", re.IGNORECASE)
 _FINAL_PHRASE = re.compile(
-    r"\banswers?\s++(?:is|are|(?:would|will|should)\s++be)\b\s*+:?", re.IGNORECASE
+    r"answers?\s++(?:is|are|(?:would|will|should)\s++be)\b\s*+:?", re.IGNORECASE
 )
-# "$x$ is the answer", "12 is our final answer": a math span or a number right before the phrase.
-# NOTE: `(?<![\d.])` starts a number only at its first digit (no quadratic retries in digit runs).
+# "... is the (final) answer", ending where the word "answer" starts.
 _REVERSE_PHRASE = re.compile(
-    r"(?:\$(?P<dollar>[^$\n]{1,300})\$|\\\((?P<paren>[^\n]{1,300}?)\\\)"
-    r"|(?<![\d.,])(?P<number>[-+]?\d[\d,]*(?:\.\d+)?(?:/\d+)?))"
-    r"\s*+(?:\*\*)?\s*+(?:is|would\s++be)\s++(?:the|my|our)\s++(?:final\s++)?answer\b",
-    re.IGNORECASE,
+    r"\b(?:is|would\s++be)\s++(?:the|my|our)\s++(?:final\s++)?\Z", re.IGNORECASE
 )
+# What stands right before the reverse phrase (searched in a bounded window before it).
+_REVERSE_ANSWER = re.compile(
+    r"(?:\$(?P<dollar>[^$\n]{1,300})\$|\\\((?P<paren>[^\n]{1,300}?)\\\)"
+    r"|(?<![\d.,])(?P<number>[-+]?\d[\d,]*(?:\.\d+)?(?:/\d+)?))\s*+(?:\*\*)?\s*+\Z"
+)
+_REVERSE_WINDOW = 320
+# Only the last markers of each kind are read: a completion repeating a phrase thousands of times
+# would otherwise cost a clause reading per repetition.
+_MAX_MARKERS = 256
+_LAST_LINE_CHARS = 4_000
 _ANSWER_COLON = re.compile(
-    r"\banswer(?:\s*+(?:\*\*|__)?\s*+:|[\s*_.:]*+(?=\\\[|\$\$))", re.IGNORECASE
+    r"answer(?:\s*+(?:\*\*|__)?\s*+:|[\s*_.:]*+(?=\\\[|\$\$))", re.IGNORECASE
 )
 _LAST_LINE_CUE = re.compile(
     r"(?:(?:therefore|thus|hence|so|finally)\b\s*+,?|(?:the\s++)?(?:final\s++)?answer\b\s*+:?)\s*+",
@@ -322,7 +331,14 @@ def _depths(tokens: list[_Token]) -> list[int]:
 
 
 def _strip_answer(answer: str) -> str:
-    return answer.strip().strip("*_").strip().rstrip(".,;:").strip()
+    answer = answer.strip().strip("*_").strip().rstrip(".,;:").strip()
+    # The closer of a math span that held the cue: `\[\text{Answer: } 7\]` reads `7`.
+    for opener, closer in (("\\[", "\\]"), ("\\(", "\\)")):
+        if answer.endswith(closer) and opener not in answer:
+            answer = answer[: -len(closer)].rstrip().rstrip(".,;:").rstrip()
+    if answer.endswith("$") and answer.count("$") % 2 and not answer.endswith("\\$"):
+        answer = answer.rstrip("$").rstrip().rstrip(".,;:").rstrip()
+    return answer
 
 
 def _span_chain(tokens: list[_Token], first: int) -> tuple[str, int] | None:
@@ -393,9 +409,43 @@ def _starts_with_math(text: str, tokens: list[_Token], index: int) -> bool:
     return _MATH_START.match(text, token.start) is not None
 
 
-def _read_clause(text: str) -> str | None:
+def _is_math_token(token: _Token) -> bool:
+    if token.kind == "span":
+        return bool(token.content)
+    if token.kind == "command":
+        return not token.content.startswith(("\\text", "\\mbox"))
+    return token.kind == "other" and any(c.isdigit() for c in token.content)
+
+
+def _or_splits(tokens: list[_Token]) -> list[int]:
+    """Indices of the "or" words outside braces that have math before and after them."""
+    depths = _depths(tokens)
+    is_math = [_is_math_token(t) for t in tokens]
+    math_after = [False] * (len(tokens) + 1)
+    for i in range(len(tokens) - 1, -1, -1):
+        math_after[i] = math_after[i + 1] or is_math[i]
+    splits, math_before = [], False
+    for i, token in enumerate(tokens):
+        if (
+            token.kind == "word"
+            and depths[i] == 0
+            and token.content.lower() == "or"
+            and math_before
+            and math_after[i + 1]
+        ):
+            splits.append(i)
+        math_before = math_before or is_math[i]
+    return splits
+
+
+def _read_clause(text: str, *, split_or: bool = True) -> str | None:
     """The answer written at the start of ``text`` (see "Reading the answer" in the module doc)."""
     rest = text.lstrip(" \t*_:")
+    if rest.startswith("}"):
+        # The cue sat in a command (`\text{Answer:} 7`), maybe in math (`$\textbf{Answer:}$ 7`).
+        rest = rest.lstrip("} \t*_:")
+        rest = rest[1:] if rest.startswith("$") and not rest.startswith("$$") else rest
+        rest = rest.lstrip(" \t*_:")
     if rest[:1] in ("\n", "\r"):
         rest = rest.lstrip().lstrip("*_ \t")
     tokens = _tokens(rest)
@@ -403,6 +453,14 @@ def _read_clause(text: str) -> str | None:
         tokens = tokens[1:]
     if not tokens:
         return None
+    splits = _or_splits(tokens) if split_or else []
+    if splits:
+        # "3 or maybe 4", "either $3$ or $4$": the alternatives are kept, so the answer hedges.
+        bounds = [tokens[0].start] + [b for i in splits for b in (tokens[i].start, tokens[i].end)]
+        bounds.append(tokens[-1].end)
+        sides = [_read_clause(rest[a:b], split_or=False) for a, b in zip(bounds[::2], bounds[1::2])]
+        if all(sides):
+            return " or ".join(sides)
     chain = _span_chain(tokens, 0)
     if chain is not None:
         return chain[0]
@@ -454,11 +512,21 @@ def _joined_list(answer: str) -> str:
 # Rules
 
 
+def _answer_words(text: str) -> list[int]:
+    """Where the word "answer" (any case, also "answers") starts in ``text``."""
+    return [
+        m.start()
+        for m in _ANSWER_WORD.finditer(text)
+        if m.start() == 0 or not (text[m.start() - 1].isalnum() or text[m.start() - 1] == "_")
+    ]
+
+
 def _phrase_candidates(
-    text: str, pattern: re.Pattern[str], rule: str
+    text: str, words: list[int], pattern: re.Pattern[str], rule: str
 ) -> list[tuple[int, str, str]]:
     """(position, answer, rule) for each marker; a marker's clause ends at the next marker."""
-    matches = list(pattern.finditer(text))
+    matches = [m for m in (pattern.match(text, w) for w in words) if m is not None]
+    matches = matches[-_MAX_MARKERS:]
     found = []
     for k, match in enumerate(matches):
         # A bounded window keeps many markers in a huge text linear; a longer answer would be
@@ -472,42 +540,58 @@ def _phrase_candidates(
     return found
 
 
-def _reverse_candidates(text: str) -> list[tuple[int, str, str]]:
+def _reverse_candidates(text: str, words: list[int]) -> list[tuple[int, str, str]]:
     found = []
-    for match in _REVERSE_PHRASE.finditer(text):
+    for word in words[-_MAX_MARKERS:]:
+        end = word + len("answer")
+        if end < len(text) and (text[end].isalnum() or text[end] == "_"):
+            continue  # "answers", "answered"
+        cue = _REVERSE_PHRASE.search(text, max(0, word - 40), word)
+        if cue is None:
+            continue
+        before = text[max(0, cue.start() - _REVERSE_WINDOW) : cue.start()]
+        match = _REVERSE_ANSWER.search(before)
+        if match is None:
+            continue
         answer = next(g for g in match.group("dollar", "paren", "number") if g is not None)
         if answer.strip():
-            found.append((match.start(), answer.strip(), "final_phrase"))
+            found.append((cue.start(), answer.strip(), "final_phrase"))
     return found
 
 
 def _gsm8k_candidates(text: str) -> list[str]:
     found = []
+    read: dict[str, str | None] = {}  # a completion may repeat one line many times
     for match in _GSM8K.finditer(text):
         line = match.group(1).strip().rstrip(".").strip()
         if not line:
             continue
-        # A plain number (possibly with units) is kept as written; prose is read like a phrase.
-        answer = line if parse_number(line) is not None else _read_clause(line)
-        if answer:
-            found.append(answer)
+        if line not in read:
+            # A plain number (possibly with units) is kept as written; prose is read like a phrase.
+            read[line] = line if parse_number(line) is not None else _read_clause(line)
+        if read[line]:
+            found.append(read[line])
     return found
 
 
 def _phrases(text: str) -> list[tuple[int, str, str]]:
+    words = _answer_words(text)
+    if not words:
+        return []
     found = (
-        _phrase_candidates(text, _FINAL_PHRASE, "final_phrase")
-        + _reverse_candidates(text)
-        + _phrase_candidates(text, _ANSWER_COLON, "answer_colon")
+        _phrase_candidates(text, words, _FINAL_PHRASE, "final_phrase")
+        + _reverse_candidates(text, words)
+        + _phrase_candidates(text, words, _ANSWER_COLON, "answer_colon")
     )
     return sorted(found, key=lambda item: item[0])
 
 
 def _last_line(text: str) -> str | None:
     """The math on the last line, when that line is only math (see rule 4)."""
-    s = text.rstrip().rstrip("*_").rstrip().rstrip(".").rstrip().rstrip("*_").rstrip()
-    if not s.endswith(("$", "\\]", "\\)")):
-        return None
+    s = text[-_LAST_LINE_CHARS:].rstrip().rstrip("*_").rstrip().rstrip(".").rstrip().rstrip("*_")
+    s = s.rstrip()
+    if not s.endswith(("$", "\\]", "\\)")) or "\n" not in s and len(text) > _LAST_LINE_CHARS:
+        return None  # longer than any answer the pre-screen lets through
     line_start = s.rfind("\n") + 1
     for opener, closer in (("$$", "$$"), ("\\[", "\\]")):
         if s.endswith(closer) and len(s) >= 2 * len(closer):
@@ -535,6 +619,11 @@ def _last_line(text: str) -> str | None:
 
 # ---------------------------------------------------------------------------------------------
 # Hedging and multi-part answers
+
+
+def _is_word_answer(answer: str) -> bool:
+    key = text_key(answer)
+    return key is not None and len(key) > 1
 
 
 def _agreement_key(answer: str) -> object:
@@ -581,8 +670,9 @@ def _extraction(candidates: list[str], rule: str) -> Extraction:
         if len(sides) > 1 and all(intervals):
             # "x < -1 or x > 3" is one answer, the union (-\infty, -1) \cup (3, \infty)
             return Extraction(" \\cup ".join(intervals), rule, tuple(candidates), False)
-        if len(_distinct(sides)) > 1:
-            return Extraction(answer, rule, tuple(candidates), True, tuple(sides))
+        distinct_sides = _distinct(sides)
+        if len(distinct_sides) > 1:
+            return Extraction(answer, rule, tuple(candidates), True, tuple(distinct_sides))
         # "$\frac{1}{2}$ or $0.5$": one value written twice is not a hedge
         return Extraction(sides[0], rule, tuple(candidates), False)
     return Extraction(answer, rule, tuple(candidates), False)
@@ -599,7 +689,12 @@ def extract_final(text: str) -> Extraction:
         return _extraction(boxed, "boxed")
     phrases = _phrases(body)
     if phrases:
-        return _extraction([answer for _, answer, _ in phrases], phrases[-1][2])
+        answers = [answer for _, answer, _ in phrases]
+        if not _is_word_answer(answers[-1]):
+            # "... whether the answer is an integer ... Final Answer: 5": words before a final
+            # math answer restate the question, they do not offer a second answer.
+            answers = [a for a in answers[:-1] if not _is_word_answer(a)] + answers[-1:]
+        return _extraction(answers, phrases[-1][2])
     last = _last_line(body)
     if last:
         return _extraction([last], "last_line")

@@ -13,7 +13,9 @@ Statuses (``ScoreResult.status``)
                  ``<think>``, unclosed ``<think>``, ...).
 ``hedged``       the completion commits to more than one final answer (``extract.py`` defines it);
                  several values against a gold with as many parts are one multi-part answer
-                 instead (``extract.resolve_parts``) and are compared.
+                 instead (``extract.resolve_parts``) and are compared. Values that all equal
+                 the gold (``$2\\pi$, or equivalently $4\\pi/2$``; at most 4 of them) are one
+                 answer written in several forms: ``correct``.
 ``timeout``      the symbolic comparison ran past ``timeout_s`` and its worker was killed.
 ``parse_error``  the answer was refused by the pre-screen (too long, dangerous), math-verify could
                  not read it, or the worker raised (e.g. ``MemoryError``) or died.
@@ -31,6 +33,8 @@ from grpo_lab.rewards.sandbox import VerifierPool
 __all__ = ["STATUSES", "ScoreResult", "math_reward", "score_batch"]
 
 STATUSES = ("correct", "wrong", "no_answer", "hedged", "timeout", "parse_error")
+# A hedge offering more values than this is not checked value by value (it scores 0 at once).
+MAX_HEDGE_PARTS = 4
 
 
 @dataclass(frozen=True)
@@ -87,23 +91,37 @@ def score_batch(
             raise ValueError(f"golds[{i}] must be a non-empty string, got {gold!r}")
     results: list[ScoreResult | None] = [None] * len(completions)
     to_compare: list[tuple[str, str]] = []
-    compare_index: list[int] = []
+    compare_index: list[tuple[int, int]] = []  # (item, its pair in to_compare)
+    # Hedged items whose every offered value may equal the gold: (item, first pair, pair count).
+    hedges: list[tuple[int, int, int]] = []
     for i, (completion, gold) in enumerate(zip(completions, golds)):
         found = extract_final(completion)
         gold_text = gold_answer(gold)
-        answer = found.answer
-        if found.hedged:
-            answer = resolve_parts(found, gold_text)  # a multi-part answer to a multi-part gold
+        answer = resolve_parts(found, gold_text) if found.hedged else found.answer
         if found.answer is None:
             results[i] = ScoreResult(0.0, "no_answer", None)
-        elif answer is None:
-            results[i] = ScoreResult(0.0, "hedged", found.answer)
-        else:
+        elif answer is not None:
+            compare_index.append((i, len(to_compare)))
             to_compare.append((answer, gold_text))
-            compare_index.append(i)
+        elif 1 < len(found.parts) <= MAX_HEDGE_PARTS:
+            hedges.append((i, len(to_compare), len(found.parts)))
+            to_compare.extend((part, gold_text) for part in found.parts)
+        else:
+            results[i] = ScoreResult(0.0, "hedged", found.answer)
     statuses = compare(to_compare, timeout_s=timeout_s, max_chars=max_chars, pool=pool)
-    for i, (pred, _), status in zip(compare_index, to_compare, statuses, strict=True):
-        results[i] = ScoreResult(1.0 if status == "correct" else 0.0, status, pred)
+    for i, position in compare_index:
+        status = statuses[position]
+        results[i] = ScoreResult(
+            1.0 if status == "correct" else 0.0, status, to_compare[position][0]
+        )
+    for i, first, count in hedges:
+        # The same answer written in several forms (`2\pi`, or equivalently `4\pi/2`) is one
+        # answer; any value that differs from the gold makes it a hedge.
+        same = all(status == "correct" for status in statuses[first : first + count])
+        answer = extract_final(completions[i]).answer
+        results[i] = (
+            ScoreResult(1.0, "correct", answer) if same else ScoreResult(0.0, "hedged", answer)
+        )
     return results
 
 
