@@ -640,8 +640,11 @@ def _agreement_key(answer: str) -> object:
 
 def _distinct(candidates: list[str]) -> list[str]:
     """The candidates that differ (by agreement key), in order of first appearance."""
+    unique = list(dict.fromkeys(candidates))  # a completion may repeat one answer many times
+    if len(unique) == 1:
+        return unique
     seen: dict[object, str] = {}
-    for candidate in dict.fromkeys(candidates):  # a completion may repeat one answer many times
+    for candidate in unique:
         seen.setdefault(_agreement_key(candidate), candidate)
     return list(seen.values())
 
