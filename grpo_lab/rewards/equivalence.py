@@ -31,6 +31,8 @@ Decisions
 * **Inequalities against intervals**: ``x > 2`` equals ``(2, \\infty)`` and ``-1 \\le x < 3``
   equals ``[-1, 3)`` (the inequality is rewritten as its interval, ``normalize.inequality_interval``;
   math-verify alone says they differ).
+* **Plus-minus** stands for its two values: ``\\frac{-1 \\pm \\sqrt{5}}{2}`` equals
+  ``\\frac{-1+\\sqrt{5}}{2}, \\frac{-1-\\sqrt{5}}{2}`` (in any order).
 * **Equations**: a single-variable assignment matches its value (``x=3`` equals ``3``, either side)
   and equations match when they are the same relation (``y=2x+1`` equals ``y=1+2x``); lists of
   assignments match in any order (``a = 4, b = 7`` equals ``b=7,a=4``).
@@ -61,6 +63,7 @@ from fractions import Fraction
 
 from grpo_lab.rewards.normalize import (
     compact_latex,
+    expand_plus_minus,
     inequality_interval,
     looks_like_interval,
     parse_number,
@@ -188,7 +191,7 @@ def compare(
         if prescreen(pred, max_chars=max_chars) or prescreen(gold, max_chars=max_chars):
             statuses[i] = "parse_error"
             continue
-        pred, gold = _as_intervals(pred, gold)
+        pred, gold = _as_intervals(expand_plus_minus(pred), expand_plus_minus(gold))
         decided = fast_equiv(pred, gold)
         if decided is not None:
             statuses[i] = "correct" if decided else "wrong"

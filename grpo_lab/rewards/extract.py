@@ -22,8 +22,9 @@ consulted, even to detect hedging:
    * ``final_phrase``: "final answer is ...", "answer is ...", "answers are ...", "answer would
      be ...", and the reverse "``$x$``/``12`` is the (final) answer";
    * ``answer_colon``: "Answer: ...", "Final Answer: ..." (also "**Answer:**"; if the line is empty
-     after the colon, the next non-empty line), and "Answer" followed directly by display math
-     ``\\[ ... \\]`` or ``$$ ... $$`` (no colon needed).
+     after the colon, the next non-empty line), "Answer" followed directly by display math
+     ``\\[ ... \\]`` or ``$$ ... $$`` (no colon needed), and a heading line that is only "Answer"
+     or "Final Answer" ("**Final Answer**", "## Final Answer"), read on the next non-empty line.
 
 4. ``last_line``: the completion's last line is only math in ``$...$``, ``\\(...\\)``, ``\\[...\\]``
    or ``$$...$$`` (several spans joined by ",", "and" or "or" count; a trailing period and a lead-in
@@ -132,6 +133,10 @@ _LAST_LINE_CHARS = 4_000
 _ANSWER_COLON = re.compile(
     r"answer(?:\s*+(?:\*\*|__)?\s*+:|[\s*_.:]*+(?=\\\[|\$\$))", re.IGNORECASE
 )
+# "Final Answer" as a heading on its own line ("**Final Answer**", "## Final Answer"): the answer
+# is on the next non-empty line.
+_ANSWER_HEADING = re.compile(r"answer[ \t]*+(?:\*\*|__)?[ \t]*+(?=\r?\n)", re.IGNORECASE)
+_HEADING_START = re.compile(r"[ \t#*_>]*+(?:final[ \t]++)?", re.IGNORECASE)
 _LAST_LINE_CUE = re.compile(
     r"(?:(?:therefore|thus|hence|so|finally)\b\s*+,?|(?:the\s++)?(?:final\s++)?answer\b\s*+:?)\s*+",
     re.IGNORECASE,
@@ -578,10 +583,16 @@ def _phrases(text: str) -> list[tuple[int, str, str]]:
     words = _answer_words(text)
     if not words:
         return []
+    headings = [
+        w
+        for w in words
+        if _HEADING_START.fullmatch(text, text.rfind("\n", max(0, w - 80), w) + 1, w)
+    ]
     found = (
         _phrase_candidates(text, words, _FINAL_PHRASE, "final_phrase")
         + _reverse_candidates(text, words)
         + _phrase_candidates(text, words, _ANSWER_COLON, "answer_colon")
+        + _phrase_candidates(text, headings, _ANSWER_HEADING, "answer_colon")
     )
     return sorted(found, key=lambda item: item[0])
 

@@ -44,7 +44,8 @@ Inequalities (:func:`inequality_interval`)
 ------------------------------------------
 ``x > 2``, ``x \\le -1``, ``-3 < x \\leq 5``, ``5 \\ge x > 1`` (one variable, one or two bounds)
 are rewritten as the interval they describe (``(2, \\infty)``, ``(-\\infty, -1]``, ``(-3, 5]``,
-``(1, 5]``), as strings, so that an inequality answer can be compared with an interval gold.
+``(1, 5]``), as strings, so that an inequality answer can be compared with an interval gold;
+``x \\neq 0`` is ``(-\\infty, 0) \\cup (0, \\infty)``.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from fractions import Fraction
 __all__ = [
     "assignment_value",
     "compact_latex",
+    "expand_plus_minus",
     "inequality_interval",
     "looks_like_interval",
     "parse_number",
@@ -254,8 +256,9 @@ _RELATION = {
     "\u2264": ("<", True),
     "\u2265": (">", True),
 }
+_NOT_EQUAL = frozenset(("!=", "\\neq", "\\ne", "\u2260"))
 _RELATION_RE = re.compile(
-    r"<=|>=|\\(?:leqslant|geqslant|leq|geq|le|ge)(?![A-Za-z])|[<>\u2264\u2265]"
+    r"<=|>=|!=|\\(?:leqslant|geqslant|leq|geq|neq|le|ge|ne)(?![A-Za-z])|[<>\u2264\u2265\u2260]"
 )
 _VARIABLE = re.compile(r"[A-Za-z]")
 
@@ -272,6 +275,13 @@ def inequality_interval(text: str) -> str | None:
     pieces += [s[a.end() : b.start()] for a, b in zip(relations, relations[1:])]
     pieces.append(s[relations[-1].end() :])
     pieces = [p.strip() for p in pieces]
+    if len(relations) == 1 and relations[0].group() in _NOT_EQUAL:
+        name, value = pieces
+        if not (_VARIABLE.fullmatch(name) and value and "=" not in value):
+            return None
+        return f"(-\\infty, {value}) \\cup ({value}, \\infty)"  # x \neq a
+    if any(m.group() in _NOT_EQUAL for m in relations):
+        return None
     ops = [_RELATION[m.group()] for m in relations]
     variables = [i for i, p in enumerate(pieces) if _VARIABLE.fullmatch(p)]
     if len(variables) != 1 or any(not p or "=" in p for p in pieces):
@@ -297,3 +307,15 @@ def looks_like_interval(text: str) -> bool:
     """Whether ``text`` is written as an interval or a union of them (``(1, 2]``, ``[0, \\infty)``)."""
     s = compact_latex(text)
     return bool(re.fullmatch(r"[(\[][^,]+,[^,]+[)\]](?:\\cup[(\[][^,]+,[^,]+[)\]])*", s))
+
+
+def expand_plus_minus(text: str) -> str:
+    """``a \\pm b`` -> ``a + b, a - b`` when ``text`` holds exactly one ``\\pm``; else ``text``.
+
+    The two values are then compared as a set (math-verify reads ``\\pm`` alone, but not inside a
+    fraction: ``\\frac{-1 \\pm \\sqrt{5}}{2}``).
+    """
+    if text.count("\\pm") != 1 or "," in text:
+        return text
+    plus, minus = text.replace("\\pm", "+"), text.replace("\\pm", "-")
+    return f"{plus}, {minus}"

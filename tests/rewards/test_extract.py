@@ -173,6 +173,10 @@ def test_one_megabyte_completion_is_fast():
         pytest.param("\\[\\text{Answer: } 7\\]", "7", "answer_colon", id="cue-inside-text"),
         pytest.param("$\\textbf{Answer:}$ 7", "7", "answer_colon", id="cue-inside-math"),
         pytest.param("#### The answer is 72", "72", "gsm8k", id="gsm8k-prose"),
+        pytest.param("Work.\n\n**Final Answer**\n17", "17", "answer_colon", id="heading"),
+        pytest.param(
+            "## Final Answer\n\n$\\frac{5}{9}$", "\\frac{5}{9}", "answer_colon", id="md-head"
+        ),
         pytest.param("Check if the answer is an integer.\nAnswer: 5", "5", "answer_colon", id="q"),
     ],
 )
@@ -188,6 +192,7 @@ def test_marked_answer_forms(text, answer, rule):
         pytest.param("Work.\nThe total is $12$", id="last-line-with-prose"),
         pytest.param("Work.\n$12$ apples in all", id="last-line-math-then-words"),
         pytest.param("We get $x = 5$.\nI hope it is correct.", id="math-not-on-last-line"),
+        pytest.param("To find the answer\nwe add 5 and 7.", id="answer-word-ending-a-line"),
     ],
 )
 def test_unmarked_math_is_no_answer(text):

@@ -8,6 +8,7 @@ import pytest
 from grpo_lab.rewards.normalize import (
     assignment_value,
     compact_latex,
+    expand_plus_minus,
     inequality_interval,
     looks_like_interval,
     parse_number,
@@ -176,6 +177,8 @@ def test_assignment_value(text, value):
         pytest.param("x^2 > 4", None, id="not-one-variable"),
         pytest.param("2 < 3", None, id="no-variable"),
         pytest.param("x = 3", None, id="equation"),
+        pytest.param("x \\neq 0", "(-\\infty, 0) \\cup (0, \\infty)", id="not-equal"),
+        pytest.param("x \\neq 1 < 2", None, id="not-equal-chain"),
     ],
 )
 def test_inequality_interval(text, interval):
@@ -195,3 +198,19 @@ def test_inequality_interval(text, interval):
 )
 def test_looks_like_interval(text, interval):
     assert looks_like_interval(text) is interval
+
+
+@pytest.mark.parametrize(
+    "text, expanded",
+    [
+        pytest.param("\\pm 3", "+ 3, - 3", id="alone"),
+        pytest.param("1 \\pm \\sqrt{2}", "1 + \\sqrt{2}, 1 - \\sqrt{2}", id="sum"),
+        pytest.param(
+            "\\frac{-1\\pm\\sqrt5}{2}", "\\frac{-1+\\sqrt5}{2}, \\frac{-1-\\sqrt5}{2}", id="frac"
+        ),
+        pytest.param("\\pm 1 \\pm 2", "\\pm 1 \\pm 2", id="two-signs-kept"),
+        pytest.param("3", "3", id="none"),
+    ],
+)
+def test_expand_plus_minus(text, expanded):
+    assert expand_plus_minus(text) == expanded

@@ -108,6 +108,10 @@ MARKED = [
     pytest.param("The answer is either 3 or 4.", "3", H, id="either-or-hedged"),
     pytest.param("The answer is 3 or maybe 4.", "4", H, id="or-maybe-hedged"),
     pytest.param("So the total is $12$ and we are done.", "12", N, id="unmarked-math"),
+    pytest.param(
+        "Answer: $x=\\frac{-1\\pm\\sqrt{5}}{2}$", "\\frac{-1 \\pm \\sqrt5}{2}", C, id="pm"
+    ),
+    pytest.param("The answer is $x \\neq 0$", "(-\\infty,0)\\cup(0,\\infty)", C, id="not-equal"),
 ]
 
 
