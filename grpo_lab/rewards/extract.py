@@ -137,6 +137,8 @@ _ANSWER_COLON = re.compile(
 # is on the next non-empty line.
 _ANSWER_HEADING = re.compile(r"answer[ \t]*+(?:\*\*|__)?[ \t]*+(?=\r?\n)", re.IGNORECASE)
 _HEADING_START = re.compile(r"[ \t#*_>]*+(?:final[ \t]++)?", re.IGNORECASE)
+# End-of-text tokens a decoded completion may still carry ("$12$<|im_end|>").
+_END_TOKENS = re.compile(r"(?:\s*+(?:<\|[a-z_]{1,20}\|>|</s>))+\s*+\Z")
 _LAST_LINE_CUE = re.compile(
     r"(?:(?:therefore|thus|hence|so|finally)\b\s*+,?|(?:the\s++)?(?:final\s++)?answer\b\s*+:?)\s*+",
     re.IGNORECASE,
@@ -599,7 +601,9 @@ def _phrases(text: str) -> list[tuple[int, str, str]]:
 
 def _last_line(text: str) -> str | None:
     """The math on the last line, when that line is only math (see rule 4)."""
-    s = text[-_LAST_LINE_CHARS:].rstrip().rstrip("*_").rstrip().rstrip(".").rstrip().rstrip("*_")
+    text = text.rstrip()
+    s = _END_TOKENS.sub("", text[-_LAST_LINE_CHARS:])
+    s = s.rstrip().rstrip("*_").rstrip().rstrip(".").rstrip().rstrip("*_")
     s = s.rstrip()
     if not s.endswith(("$", "\\]", "\\)")) or "\n" not in s and len(text) > _LAST_LINE_CHARS:
         return None  # longer than any answer the pre-screen lets through

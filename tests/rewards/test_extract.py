@@ -154,6 +154,7 @@ def test_one_megabyte_completion_is_fast():
         ),
         pytest.param("So:\n\\[\na = 4, b = 7\n\\]", "a = 4, b = 7", "last_line", id="last-display"),
         pytest.param("Some text.\n$$12$$", "12", "last_line", id="last-double-dollar"),
+        pytest.param("Some text.\n$12$<|im_end|>", "12", "last_line", id="last-line-end-token"),
         pytest.param("Some text.\n**$12$**.", "12", "last_line", id="last-line-bold-period"),
         pytest.param("Done.\nTherefore, $x = 3$.", "x = 3", "last_line", id="last-line-cue"),
         pytest.param("So\n$3$ and $4$", "3, 4", "last_line", id="last-line-two-spans"),
