@@ -467,7 +467,7 @@ def _read_clause(text: str, *, split_or: bool = True) -> str | None:
         bounds.append(tokens[-1].end)
         sides = [_read_clause(rest[a:b], split_or=False) for a, b in zip(bounds[::2], bounds[1::2])]
         if all(sides):
-            return " or ".join(sides)
+            return " or ".join(_as_union(side) for side in sides)
     chain = _span_chain(tokens, 0)
     if chain is not None:
         return chain[0]
@@ -677,17 +677,22 @@ def _disjuncts(answer: str) -> list[str]:
     return [p for p in parts if p]
 
 
+def _as_union(answer: str) -> str:
+    """``x < -1 \\text{ or } x > 3`` -> ``(-\\infty, -1) \\cup (3, \\infty)``; else ``answer``."""
+    if not is_disjunction(answer):
+        return answer
+    intervals = [inequality_interval(side) for side in _disjuncts(answer)]
+    return " \\cup ".join(intervals) if len(intervals) > 1 and all(intervals) else answer
+
+
 def _extraction(candidates: list[str], rule: str) -> Extraction:
-    answer = candidates[-1]
+    answer = _as_union(candidates[-1])
+    candidates = [*candidates[:-1], answer]
     distinct = _distinct(candidates)
     if len(distinct) > 1:
         return Extraction(answer, rule, tuple(candidates), True, tuple(distinct))
     if is_disjunction(answer):
         sides = _disjuncts(answer)
-        intervals = [inequality_interval(side) for side in sides]
-        if len(sides) > 1 and all(intervals):
-            # "x < -1 or x > 3" is one answer, the union (-\infty, -1) \cup (3, \infty)
-            return Extraction(" \\cup ".join(intervals), rule, tuple(candidates), False)
         distinct_sides = _distinct(sides)
         if len(distinct_sides) > 1:
             return Extraction(answer, rule, tuple(candidates), True, tuple(distinct_sides))
