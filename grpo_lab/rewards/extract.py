@@ -49,7 +49,10 @@ newline; math spans are skipped over whole, so ``\\[ ... \\]`` may span lines):
   the whole sentence, as a text answer (``The function is even.`` gives ``even``).
 
 Markdown bold is unwrapped and trailing punctuation dropped. The chosen answer is the LAST
-candidate of the deciding tier (``rule`` names the rule that found it).
+candidate of the deciding tier (``rule`` names the rule that found it). When that answer is math,
+earlier candidates that are only words ("... whether the answer is an integer ...") are dropped:
+they restate the question. NOTE: only the last 256 markers of each phrase kind are read, so a
+completion repeating a phrase thousands of times stays linear to scan.
 
 Hedging
 -------
