@@ -11,6 +11,12 @@ What it measures (pinned to one CPU core by default; worker processes inherit th
 * MATH-style in GRPO groups: ``--group-size`` completions per gold (the gold's own form, another
   equal form, or a wrong answer), as a GRPO batch looks: identical pairs are verified once and the
   worker caches parses, so repeated golds are cheap.
+* Marked answers: completions written the way models mark final answers (``####``, boxes,
+  "final answer is", "Answer:" with prose, a last line of math, display math after "Answer",
+  multi-part boxes, word answers, units, intervals, inequalities), wrong answers, hedges and
+  unmarked math, from the seeded generator of the differential test
+  (``tests/rewards/marked_answers.py``); reported: agreement with the expected verdict and
+  scores/s (one ``score_batch`` call, fresh worker).
 * Per-item latency (p50 / p99 / max), scoring items one at a time: GSM8K items, fresh MATH-style
   items (a new draw, on a new worker, so no parse is cached), and an adversarial set (power towers, huge factorial, 1 MB completion, deep nesting, code injection,
   a polynomial that times out) under the default 2 s bound.
@@ -29,6 +35,7 @@ import json
 import os
 import random
 import statistics
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -36,6 +43,8 @@ from pathlib import Path
 from grpo_lab.rewards import VerifierPool, score_batch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from tests.rewards.marked_answers import generate_cases  # noqa: E402
 
 
 def _data_file() -> Path:
@@ -199,6 +208,7 @@ def main() -> None:
     parser.add_argument("--math-items", type=int, default=300)
     parser.add_argument("--group-size", type=int, default=8, help="completions per gold (GRPO G)")
     parser.add_argument("--latency-items", type=int, default=2000, help="GSM8K items timed singly")
+    parser.add_argument("--marked-items", type=int, default=600, help="generated marked answers")
     parser.add_argument("--timeout-s", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -226,6 +236,21 @@ def main() -> None:
         pool.start()
         group_rate, group_status = throughput(group_c, group_g, pool, args.timeout_s)
         group_to_worker = pool.stats().items
+    marked = generate_cases(args.seed, args.marked_items)
+    with VerifierPool(num_workers=1) as pool:
+        pool.start()
+        start = time.perf_counter()
+        marked_results = score_batch(
+            [c.completion for c in marked],
+            [c.gold for c in marked],
+            timeout_s=args.timeout_s,
+            pool=pool,
+        )
+        marked_rate = len(marked) / (time.perf_counter() - start)
+    marked_status = Counter(r.status for r in marked_results)
+    marked_agree = sum(
+        (r.status == "correct") == c.expected for r, c in zip(marked_results, marked)
+    )
     with VerifierPool(num_workers=1) as pool:
         pool.start()
         math_lat, _ = latencies_ms(lat_c, lat_g, pool, args.timeout_s)
@@ -236,6 +261,7 @@ def main() -> None:
         ("GSM8K-style", len(gsm_c), gsm_rate, gsm_lat, gsm_status),
         ("MATH-style", len(math_c), math_rate, math_lat, math_status),
         (f"MATH G={args.group_size}", len(group_c), group_rate, None, group_status),
+        ("marked", len(marked), marked_rate, None, marked_status),
         ("adversarial", len(adv_c), None, adv_lat, adv_status),
     ]
     print(
@@ -253,6 +279,10 @@ def main() -> None:
             f"{lat['p50']:>9.2f}{lat['p99']:>9.1f}{lat['max']:>9.1f}" if lat else f"{'-':>9}" * 3
         )
         print(f"{name:<13}{count:>8}{rate_text}{lat_text}  {dict(sorted(status.items()))}")
+    print(
+        f"marked answers agreeing with the expected verdict: {marked_agree} of {len(marked)} "
+        f"({marked_agree / len(marked):.1%})"
+    )
     print(f"latency pool (fresh MATH items, then adversarial): {stats}")
     record = {
         "benchmark": "reward_scoring",
@@ -273,6 +303,10 @@ def main() -> None:
         "math_group_items_to_worker": group_to_worker,
         "math_group_scores_per_s": round(group_rate, 1),
         "math_group_statuses": dict(group_status),
+        "marked_items": len(marked),
+        "marked_agreement": round(marked_agree / len(marked), 4),
+        "marked_scores_per_s": round(marked_rate, 1),
+        "marked_statuses": dict(marked_status),
         "adversarial_items": len(adv_c),
         "adversarial_latency_ms": {k: round(v, 1) for k, v in adv_lat.items()},
         "adversarial_statuses": dict(adv_status),

@@ -6,7 +6,7 @@ Public API::
     score_batch(completions, golds, *, timeout_s=2.0, max_chars=2000, pool=None) -> list[ScoreResult]
     ScoreResult(score: float, status: str, extracted: str | None)     # frozen dataclass
     extract_answer(text) -> str | None          # None also when the completion hedges
-    extract_final(text) -> Extraction           # answer, rule, candidates, hedged
+    extract_final(text) -> Extraction           # answer, rule, candidates, hedged, parts
     is_equiv(pred, gold, *, timeout_s=2.0, max_chars=2000, pool=None) -> bool
     trl_math_reward / trl_reward_func           # TRL GRPOTrainer reward, gold column "answer"
     make_trl_reward(answer_column="answer", *, timeout_s=2.0, name="math_reward")
@@ -24,8 +24,8 @@ Example::
 
 Timeouts and worker crashes are counted per pool: ``get_default_pool().stats()``.
 
-Module map: ``extract`` (final answer, thinking, hedging), ``normalize`` (plain numbers, compact
-LaTeX; no evaluation), ``equivalence`` (decisions, fast path, pre-screen), ``sandbox`` (killable
+Module map: ``extract`` (final answer, thinking, hedging, multi-part answers), ``normalize``
+(plain numbers, compact LaTeX, word answers, inequalities; no evaluation), ``equivalence`` (decisions, fast path, pre-screen), ``sandbox`` (killable
 worker pool), ``score`` (statuses, batching), ``trl`` (TRL adapter). sympy and math-verify are only
 imported inside worker processes.
 """

@@ -28,8 +28,18 @@ Decisions
 * **Intervals keep their openness**: ``(1, 2]`` differs from ``(1, 2)`` and ``[1, 2]``. NOTE:
   ``(1, 2)`` is both an open interval and an ordered pair; math-verify parses it as an interval
   but lets it match the pair ``1, 2`` in that order.
+* **Inequalities against intervals**: ``x > 2`` equals ``(2, \\infty)`` and ``-1 \\le x < 3``
+  equals ``[-1, 3)`` (the inequality is rewritten as its interval, ``normalize.inequality_interval``;
+  math-verify alone says they differ).
+* **Plus-minus** stands for its two values: ``\\frac{-1 \\pm \\sqrt{5}}{2}`` equals
+  ``\\frac{-1+\\sqrt{5}}{2}, \\frac{-1-\\sqrt{5}}{2}`` (in any order).
 * **Equations**: a single-variable assignment matches its value (``x=3`` equals ``3``, either side)
-  and equations match when they are the same relation (``y=2x+1`` equals ``y=1+2x``).
+  and equations match when they are the same relation (``y=2x+1`` equals ``y=1+2x``); lists of
+  assignments match in any order (``a = 4, b = 7`` equals ``b=7,a=4``).
+* **Text answers** (a gold that is a word, or is wrapped in ``\\text{}``) compare in-process after
+  dropping ``\\text``/``\\mathrm``/``\\textbf``-like wrappers, spaces and case: ``$\\text{Even}$``
+  equals ``even``, ``(C)`` and ``(C) 12`` equal ``\\text{(C)}``; anything else is wrong. Word
+  answers never reach sympy, which would read ``east`` as the product ``e*a*s*t`` (so ``seat``).
 * **Symbolic expressions** are equal when sympy proves it (``\\sqrt{8}`` equals ``2\\sqrt{2}``,
   ``(x+1)^2`` equals ``x^2+2x+1``); ``\\pi`` equals ``3.14159265`` within 6 decimals but not
   ``3.14``.
@@ -51,7 +61,14 @@ import math
 import re
 from fractions import Fraction
 
-from grpo_lab.rewards.normalize import compact_latex, parse_number
+from grpo_lab.rewards.normalize import (
+    compact_latex,
+    expand_plus_minus,
+    inequality_interval,
+    looks_like_interval,
+    parse_number,
+    text_key,
+)
 from grpo_lab.rewards.sandbox import VerifierPool, get_default_pool
 
 __all__ = [
@@ -117,10 +134,36 @@ def _numbers_equal(pred: Fraction, gold: Fraction) -> bool:
     return abs(pred - gold) <= RELATIVE_TOLERANCE * abs(gold)
 
 
+# A multiple-choice letter at the start of an answer, followed by what the choice says.
+_CHOICE = re.compile(r"\s*(?:\\text(?:bf)?\{)?\(([A-Ea-e])\)\}?\s")
+
+
+def _gold_text_key(gold: str) -> str | None:
+    """The text key of a gold that is a word answer: ``\\text{...}``-wrapped, or two letters or more."""
+    key = text_key(gold)
+    if key is None or (len(key) < 2 and "\\" not in gold):
+        return None  # a lone letter is a variable unless the gold wrote it as text
+    return key
+
+
+def _as_intervals(pred: str, gold: str) -> tuple[str, str]:
+    """An inequality compared with an interval is rewritten as the interval it describes."""
+    if "," in gold and (interval := inequality_interval(pred)) and looks_like_interval(gold):
+        return interval, gold
+    if "," in pred and (interval := inequality_interval(gold)) and looks_like_interval(pred):
+        return pred, interval
+    return pred, gold
+
+
 def fast_equiv(pred: str, gold: str) -> bool | None:
     """Decide in-process if possible: ``True``/``False``, or ``None`` when sympy is needed."""
     if pred == gold or compact_latex(pred) == compact_latex(gold):
         return True
+    gold_key = _gold_text_key(gold)
+    if gold_key is not None:
+        if len(gold_key) == 1 and (choice := _CHOICE.match(pred)) is not None:
+            pred = choice.group(1)  # a choice letter, then its content: "(B) 12"
+        return text_key(pred) == gold_key
     gold_value = parse_number(gold)
     if gold_value is None:
         return None
@@ -148,6 +191,7 @@ def compare(
         if prescreen(pred, max_chars=max_chars) or prescreen(gold, max_chars=max_chars):
             statuses[i] = "parse_error"
             continue
+        pred, gold = _as_intervals(expand_plus_minus(pred), expand_plus_minus(gold))
         decided = fast_equiv(pred, gold)
         if decided is not None:
             statuses[i] = "correct" if decided else "wrong"

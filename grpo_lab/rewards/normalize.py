@@ -25,6 +25,27 @@ words that change the value or the meaning (``pi``, ``or``, ``million``, ``squar
 stripped, so such answers are not plain numbers and go to the symbolic checker.
 
 NOTE: the percent sign is a unit and is dropped: ``50%`` reads as 50, not 0.5.
+
+Text answers (:func:`text_key`)
+-------------------------------
+Answers that are words (``even``, ``\\text{Monday}``, ``\\textbf{(C)}``) compare as text: the
+key drops math delimiters, the wrappers ``\\text``/``\\textbf``/``\\textit``/``\\textrm``/
+``\\mathrm``/``\\mathbf``/``\\mbox``/``\\emph``, whitespace, a trailing period and the
+parentheses around a single choice letter, and is lower-cased; it is ``None`` unless what is left
+is letters only (with ``'`` and ``-`` inside words). So ``$\\text{Even}$`` and ``even`` share the
+key ``even``, while ``x^2`` or ``3`` have none.
+
+Assignments (:func:`assignment_value`)
+--------------------------------------
+``x = 3``, ``k=17``, ``a_1 = \\frac{1}{2}``: one variable (a letter, optionally subscripted)
+set to a value; the value string is returned so that it can be compared on its own.
+
+Inequalities (:func:`inequality_interval`)
+------------------------------------------
+``x > 2``, ``x \\le -1``, ``-3 < x \\leq 5``, ``5 \\ge x > 1`` (one variable, one or two bounds)
+are rewritten as the interval they describe (``(2, \\infty)``, ``(-\\infty, -1]``, ``(-3, 5]``,
+``(1, 5]``), as strings, so that an inequality answer can be compared with an interval gold;
+``x \\neq 0`` is ``(-\\infty, 0) \\cup (0, \\infty)``.
 """
 
 from __future__ import annotations
@@ -32,7 +53,15 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-__all__ = ["compact_latex", "parse_number"]
+__all__ = [
+    "assignment_value",
+    "compact_latex",
+    "expand_plus_minus",
+    "inequality_interval",
+    "looks_like_interval",
+    "parse_number",
+    "text_key",
+]
 
 # Longer strings are not plain numbers: keeps int() far from its 4300-digit conversion limit.
 MAX_NUMBER_CHARS = 400
@@ -163,3 +192,130 @@ def compact_latex(text: str) -> str:
     s = _LEFT_RIGHT.sub("", _SPACING.sub("", s))
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     return "".join(s.split()).rstrip(".")
+
+
+_TEXT_COMMAND = re.compile(
+    r"\\(?:text|textbf|textit|textrm|textsf|texttt|mathrm|mathbf|mathit|mathsf|mbox|emph)\s*\{"
+)
+_TEXT_WORDS = re.compile(r"[a-z]+(?:['-][a-z]+)*")
+_CHOICE = re.compile(r"\(([a-z])\)")
+_ASSIGNMENT = re.compile(
+    r"\s*[A-Za-z](?:_\{?[A-Za-z0-9]{1,3}\}?)?\s*=(?![=<>])\s*(?P<value>[^=<>]+)"
+)
+
+
+def _drop_text_commands(s: str) -> str:
+    """``s`` with every ``\\text{...}``-like wrapper replaced by its (brace-balanced) content."""
+    while (match := _TEXT_COMMAND.search(s)) is not None:
+        depth, i = 1, match.end()
+        while i < len(s) and depth:
+            if s[i] == "\\":
+                i += 2
+                continue
+            depth += {"{": 1, "}": -1}.get(s[i], 0)
+            i += 1
+        if depth:
+            return s  # unbalanced: leave it to the symbolic path
+        s = s[: match.start()] + s[match.end() : i - 1] + s[i:]
+    return s
+
+
+def text_key(text: str) -> str | None:
+    """Comparison key of a word answer (see the module doc), or ``None`` if it is not one."""
+    if len(text) > MAX_NUMBER_CHARS:
+        return None
+    s = _drop_text_commands(_unwrap(text))
+    s = "".join(_SPACING.sub(" ", s).split()).rstrip(".").lower()
+    s = _CHOICE.sub(r"\1", s)
+    return s if _TEXT_WORDS.fullmatch(s) else None
+
+
+def assignment_value(text: str) -> str | None:
+    """The value of a one-variable assignment (``x = 3`` -> ``3``), else ``None``.
+
+    Only one ``=`` is allowed and no list: ``a = 4, b = 7`` and ``y = 2x = 4`` are not assignments.
+    """
+    s = _unwrap(text)
+    match = _ASSIGNMENT.fullmatch(s)
+    if match is None or "," in match["value"]:
+        return None
+    return match["value"].strip()
+
+
+_RELATION = {
+    "<": ("<", False),
+    ">": (">", False),
+    "<=": ("<", True),
+    ">=": (">", True),
+    "\\le": ("<", True),
+    "\\leq": ("<", True),
+    "\\leqslant": ("<", True),
+    "\\ge": (">", True),
+    "\\geq": (">", True),
+    "\\geqslant": (">", True),
+    "\u2264": ("<", True),
+    "\u2265": (">", True),
+}
+_NOT_EQUAL = frozenset(("!=", "\\neq", "\\ne", "\u2260"))
+_RELATION_RE = re.compile(
+    r"<=|>=|!=|\\(?:leqslant|geqslant|leq|geq|neq|le|ge|ne)(?![A-Za-z])|[<>\u2264\u2265\u2260]"
+)
+_VARIABLE = re.compile(r"[A-Za-z]")
+
+
+def inequality_interval(text: str) -> str | None:
+    """The interval an inequality in one variable describes (see the module doc), or ``None``."""
+    s = _LEFT_RIGHT.sub("", _SPACING.sub(" ", _unwrap(text))).strip()
+    if len(s) > MAX_NUMBER_CHARS:
+        return None
+    relations = list(_RELATION_RE.finditer(s))
+    if not 1 <= len(relations) <= 2:
+        return None
+    pieces = [s[: relations[0].start()]]
+    pieces += [s[a.end() : b.start()] for a, b in zip(relations, relations[1:])]
+    pieces.append(s[relations[-1].end() :])
+    pieces = [p.strip() for p in pieces]
+    if len(relations) == 1 and relations[0].group() in _NOT_EQUAL:
+        name, value = pieces
+        if not (_VARIABLE.fullmatch(name) and value and "=" not in value):
+            return None
+        return f"(-\\infty, {value}) \\cup ({value}, \\infty)"  # x \neq a
+    if any(m.group() in _NOT_EQUAL for m in relations):
+        return None
+    ops = [_RELATION[m.group()] for m in relations]
+    variables = [i for i, p in enumerate(pieces) if _VARIABLE.fullmatch(p)]
+    if len(variables) != 1 or any(not p or "=" in p for p in pieces):
+        return None
+    where = variables[0]
+    lower, upper = ("-\\infty", False), ("\\infty", False)
+    for k, (op, closed) in enumerate(ops):
+        left, right = pieces[k], pieces[k + 1]
+        if where == k:  # x op bound
+            bound = (right, closed)
+            lower, upper = (bound, upper) if op == ">" else (lower, bound)
+        elif where == k + 1:  # bound op x
+            bound = (left, closed)
+            lower, upper = (bound, upper) if op == "<" else (lower, bound)
+        else:
+            return None
+    if len(ops) == 2 and (lower[0] == "-\\infty" or upper[0] == "\\infty"):
+        return None  # "1 < x > 2": not an interval
+    return f"{'[' if lower[1] else '('}{lower[0]}, {upper[0]}{']' if upper[1] else ')'}"
+
+
+def looks_like_interval(text: str) -> bool:
+    """Whether ``text`` is written as an interval or a union of them (``(1, 2]``, ``[0, \\infty)``)."""
+    s = compact_latex(text)
+    return bool(re.fullmatch(r"[(\[][^,]+,[^,]+[)\]](?:\\cup[(\[][^,]+,[^,]+[)\]])*", s))
+
+
+def expand_plus_minus(text: str) -> str:
+    """``a \\pm b`` -> ``a + b, a - b`` when ``text`` holds exactly one ``\\pm``; else ``text``.
+
+    The two values are then compared as a set (math-verify reads ``\\pm`` alone, but not inside a
+    fraction: ``\\frac{-1 \\pm \\sqrt{5}}{2}``).
+    """
+    if text.count("\\pm") != 1 or "," in text:
+        return text
+    plus, minus = text.replace("\\pm", "+"), text.replace("\\pm", "-")
+    return f"{plus}, {minus}"

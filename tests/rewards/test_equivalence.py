@@ -38,6 +38,27 @@ def test_fast_path_decisions(pred, gold, equal):
 
 
 @pytest.mark.parametrize(
+    "pred, gold, equal",
+    [
+        pytest.param("\\text{Even}", "even", True, id="text-case"),
+        pytest.param("$prime$", "\\text{prime}", True, id="bare-word-vs-text"),
+        pytest.param("\\textbf{(C)}", "\\text{(C)}", True, id="choice"),
+        pytest.param("C", "\\text{(C)}", True, id="choice-letter"),
+        pytest.param("(B) 12", "\\text{(B)}", True, id="choice-with-content"),
+        pytest.param("\\text{odd}", "\\text{even}", False, id="other-word"),
+        pytest.param("\\text{seat}", "\\text{east}", False, id="anagram"),
+        pytest.param("5", "\\text{five}", False, id="number-vs-word"),
+    ],
+)
+def test_text_answers_decided_in_process(pred, gold, equal):
+    assert fast_equiv(pred, gold) is equal
+
+
+def test_lone_letter_gold_is_not_text():
+    assert fast_equiv("X", "x") is None  # a variable: case matters, sympy decides
+
+
+@pytest.mark.parametrize(
     "pred, gold",
     [
         pytest.param("\\sqrt{8}", "2\\sqrt{2}", id="roots"),
@@ -60,6 +81,11 @@ def test_fast_path_defers_to_sympy(pred, gold):
         pytest.param("1, 2", "(1,2)", True, id="list-matches-ambiguous-pair"),
         pytest.param("[0, 1)", "[0, 1)", True, id="same-interval"),
         pytest.param("[0, 1)", "[0, 1]", False, id="interval-openness"),
+        pytest.param("x > 2", "(2, \\infty)", True, id="inequality-vs-interval"),
+        pytest.param("(2, \\infty)", "x > 2", True, id="interval-vs-inequality-gold"),
+        pytest.param("x \\ge 2", "(2, \\infty)", False, id="inequality-closedness"),
+        pytest.param("b = 7, a = 4", "a=4,b=7", True, id="assignments-any-order"),
+        pytest.param("x = 2, x = 3", "2, 3", True, id="assignment-list-vs-values"),
     ],
 )
 def test_is_equiv_symbolic(pool, pred, gold, equal):

@@ -1,11 +1,19 @@
-"""Plain-number grammar and compact LaTeX (in-process, no evaluation)."""
+"""Plain numbers, compact LaTeX, word answers, assignments, inequalities (no evaluation)."""
 
 import random
 from fractions import Fraction
 
 import pytest
 
-from grpo_lab.rewards.normalize import compact_latex, parse_number
+from grpo_lab.rewards.normalize import (
+    assignment_value,
+    compact_latex,
+    expand_plus_minus,
+    inequality_interval,
+    looks_like_interval,
+    parse_number,
+    text_key,
+)
 
 
 @pytest.mark.parametrize(
@@ -119,3 +127,90 @@ def test_compact_latex_equal(a, b):
 def test_compact_latex_keeps_meaning():
     assert compact_latex("(1,2]") != compact_latex("(1,2)")
     assert compact_latex("x^2") != compact_latex("x^3")
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        pytest.param("even", "even", id="word"),
+        pytest.param("$\\text{Even}$", "even", id="text-in-math-case"),
+        pytest.param("\\textbf{(C)}", "c", id="bold-choice"),
+        pytest.param("\\mathrm{Monday}.", "monday", id="mathrm-period"),
+        pytest.param("\\text{no solution}", "nosolution", id="spaces-dropped"),
+        pytest.param("\\text{\\textbf{odd}}", "odd", id="nested"),
+        pytest.param("x^2", None, id="math"),
+        pytest.param("3", None, id="number"),
+        pytest.param("5\\text{ cm}", None, id="number-with-unit"),
+        pytest.param("\\text{odd", None, id="unbalanced"),
+    ],
+)
+def test_text_key(text, key):
+    assert text_key(text) == key
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        pytest.param("x = 3", "3", id="simple"),
+        pytest.param("$k=17$", "17", id="delimiters"),
+        pytest.param("a_1 = \\frac{1}{2}", "\\frac{1}{2}", id="subscript"),
+        pytest.param("a = 4, b = 7", None, id="list"),
+        pytest.param("y = 2x = 4", None, id="chain"),
+        pytest.param("x \\le 3", None, id="inequality"),
+        pytest.param("f(x) = 2x", None, id="function"),
+    ],
+)
+def test_assignment_value(text, value):
+    assert assignment_value(text) == value
+
+
+@pytest.mark.parametrize(
+    "text, interval",
+    [
+        pytest.param("x > 2", "(2, \\infty)", id="greater"),
+        pytest.param("x \\le -1", "(-\\infty, -1]", id="le"),
+        pytest.param("$x \\geq \\frac{1}{2}$", "[\\frac{1}{2}, \\infty)", id="geq-frac"),
+        pytest.param("-3 < x \\leq 5", "(-3, 5]", id="two-bounds"),
+        pytest.param("5 \\ge x > 1", "(1, 5]", id="reversed-two-bounds"),
+        pytest.param("2 < x", "(2, \\infty)", id="bound-first"),
+        pytest.param("1 < x > 2", None, id="not-an-interval"),
+        pytest.param("x^2 > 4", None, id="not-one-variable"),
+        pytest.param("2 < 3", None, id="no-variable"),
+        pytest.param("x = 3", None, id="equation"),
+        pytest.param("x \\neq 0", "(-\\infty, 0) \\cup (0, \\infty)", id="not-equal"),
+        pytest.param("x \\neq 1 < 2", None, id="not-equal-chain"),
+    ],
+)
+def test_inequality_interval(text, interval):
+    assert inequality_interval(text) == interval
+
+
+@pytest.mark.parametrize(
+    "text, interval",
+    [
+        pytest.param("(2, \\infty)", True, id="open"),
+        pytest.param("\\left[1, 2\\right)", True, id="half-open-left-right"),
+        pytest.param("(-\\infty, -1] \\cup [3, \\infty)", True, id="union"),
+        pytest.param("1, 2", False, id="list"),
+        pytest.param("\\{1, 2\\}", False, id="set"),
+        pytest.param("(1, 2, 3)", False, id="triple"),
+    ],
+)
+def test_looks_like_interval(text, interval):
+    assert looks_like_interval(text) is interval
+
+
+@pytest.mark.parametrize(
+    "text, expanded",
+    [
+        pytest.param("\\pm 3", "+ 3, - 3", id="alone"),
+        pytest.param("1 \\pm \\sqrt{2}", "1 + \\sqrt{2}, 1 - \\sqrt{2}", id="sum"),
+        pytest.param(
+            "\\frac{-1\\pm\\sqrt5}{2}", "\\frac{-1+\\sqrt5}{2}, \\frac{-1-\\sqrt5}{2}", id="frac"
+        ),
+        pytest.param("\\pm 1 \\pm 2", "\\pm 1 \\pm 2", id="two-signs-kept"),
+        pytest.param("3", "3", id="none"),
+    ],
+)
+def test_expand_plus_minus(text, expanded):
+    assert expand_plus_minus(text) == expanded

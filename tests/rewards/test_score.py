@@ -74,7 +74,48 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("completion, gold, status", CASES)
+# Final answers as models write them (the forms of issue "read final answers the way models
+# actually write them"), with the hedges that must still score 0.
+MARKED = [
+    pytest.param("Work.\n$(2, \\infty)$", "(2,\\infty)", C, id="last-line-interval"),
+    pytest.param("Work.\n$2 - \\frac{1}{\\pi}$", "2-\\frac{1}{\\pi}", C, id="last-line-expression"),
+    pytest.param("Work.\n$a = 4, b = 7$", "a=4,b=7", C, id="last-line-equations"),
+    pytest.param("Work.\n$b = 7, a = 4$", "a=4,b=7", C, id="equations-any-order"),
+    pytest.param("Some text.\n$12$", "12", C, id="last-line-number"),
+    pytest.param("Final Answer: The smallest $k$ is 17.", "17", C, id="final-answer-prose"),
+    pytest.param("Final Answer: The smallest $k$ is 18.", "17", W, id="final-answer-prose-wrong"),
+    pytest.param("\\boxed{(1, 2)} \\text{ and } \\boxed{(4, 5)}", "(1, 2), (4, 5)", C, id="pairs"),
+    pytest.param(
+        "\\boxed{(4, 5)} \\text{ and } \\boxed{(1, 2)}", "(1, 2), (4, 5)", C, id="pairs-set"
+    ),
+    pytest.param("$\\boxed{m = 3}$ and $\\boxed{n = 8}$", "m = 3, n = 8", C, id="boxed-equations"),
+    pytest.param("\\boxed{3} \\boxed{8}", "(3, 8)", C, id="boxes-tuple-in-order"),
+    pytest.param("\\boxed{8} \\boxed{3}", "(3, 8)", W, id="boxes-tuple-wrong-order"),
+    pytest.param("\\boxed{3} \\boxed{4}", "3", H, id="boxes-single-gold-hedged"),
+    pytest.param("$x = 3$ or $x = -3$", "\\pm 3", C, id="roots-or-plus-minus"),
+    pytest.param("$\\text{even}$", "even", C, id="text-wrapped-pred"),
+    pytest.param("Work.\n$prime$", "\\text{prime}", C, id="text-wrapped-gold"),
+    pytest.param("The answer is $\\textbf{Odd}$.", "\\text{odd}", C, id="text-case"),
+    pytest.param("The answer is $\\text{east}$.", "\\text{seat}", W, id="text-not-anagram"),
+    pytest.param("Answer: (B) 12", "\\text{(B)}", C, id="choice-with-content"),
+    pytest.param("Answer \\[ 42 \\]", "42", C, id="display-after-cue"),
+    pytest.param("The answer is $\\boxed{x > 2}$", "(2,\\infty)", C, id="inequality-interval"),
+    pytest.param("$\\boxed{-1 \\le x < 3}$", "[-1, 3)", C, id="double-inequality"),
+    pytest.param("$\\boxed{-1 < x < 3}$", "[-1, 3)", W, id="inequality-openness"),
+    pytest.param(
+        "\\boxed{2\\pi}, or equivalently \\boxed{\\pi \\cdot 2}", "2\\pi", C, id="one-value"
+    ),
+    pytest.param("The answer is either 3 or 4.", "3", H, id="either-or-hedged"),
+    pytest.param("The answer is 3 or maybe 4.", "4", H, id="or-maybe-hedged"),
+    pytest.param("So the total is $12$ and we are done.", "12", N, id="unmarked-math"),
+    pytest.param(
+        "Answer: $x=\\frac{-1\\pm\\sqrt{5}}{2}$", "\\frac{-1 \\pm \\sqrt5}{2}", C, id="pm"
+    ),
+    pytest.param("The answer is $x \\neq 0$", "(-\\infty,0)\\cup(0,\\infty)", C, id="not-equal"),
+]
+
+
+@pytest.mark.parametrize("completion, gold, status", CASES + MARKED)
 def test_table(pool, completion, gold, status):
     result = score_batch([completion], [gold], pool=pool)[0]
     assert result.status == status
@@ -82,8 +123,8 @@ def test_table(pool, completion, gold, status):
 
 
 def test_batch_matches_items_scored_one_by_one(pool):
-    completions = [p.values[0] for p in CASES]
-    golds = [p.values[1] for p in CASES]
+    completions = [p.values[0] for p in CASES + MARKED]
+    golds = [p.values[1] for p in CASES + MARKED]
     batch = score_batch(completions, golds, pool=pool)
     single = [score_batch([c], [g], pool=pool)[0] for c, g in zip(completions, golds)]
     assert batch == single
