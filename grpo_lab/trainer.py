@@ -430,9 +430,10 @@ class Trainer:
             )
             for q in questions
         ]
-        # The rollout engine gathers ZeRO-3 parameters once for the whole rollout itself.
+        # The policy as prepared: under ZeRO-3 the engine gathers its parameters once for the
+        # whole rollout and pauses its hooks (grpo_lab.zero3).
         batch = generate(
-            self.generation_model,
+            self.policy,
             self.tokenizer,
             prompts,
             group_size=r.group_size,
@@ -778,7 +779,7 @@ class Trainer:
         cfg = self.cfg
         local = self.eval_problems[self.rank :: self.world]
         correct = 0.0
-        model = self.generation_model
+        model = self.policy  # as prepared: under ZeRO-3 the engine, see _rollout
         # NOTE: the ZeRO-3 gather is a collective: every rank enters it, even one with no problems.
         with gather_params_for_generation(model):
             if local:
