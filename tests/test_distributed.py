@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import launching
 import pytest
 import torch
 
@@ -62,10 +63,8 @@ def single_process(model_dir, tmp_path_factory) -> dict:
 @pytest.mark.parametrize("zero", ["zero2_cpu", "zero3_cpu"])
 def test_two_processes_match_one(zero, model_dir, single_process, tmp_path):
     out = tmp_path / f"{zero}.pt"
-    accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [str(accelerate), "launch", "--config_file", str(ROOT / "recipes" / "accelerate" / f"{zero}.yaml"),
-           str(SCRIPT), model_dir, str(out), "--objectives", OBJECTIVES]  # fmt: skip
-    _run(cmd, tmp_path / f"{zero}.log")
+    args = [str(SCRIPT), model_dir, str(out), "--objectives", OBJECTIVES]
+    launching.run(zero, args, tmp_path / "logs", timeout=900)
     multi = torch.load(out)
     # Rows skipped (fraction of this process's rows): one process runs only group 0's 4 of 16
     # rows; two processes keep 4 rows each (rank 1 tops up with zero-advantage rows).
