@@ -2,10 +2,11 @@
 
 Each case launches ``tests/distributed_update.py`` with ``accelerate launch`` and the project's own
 CPU DeepSpeed configs, takes two optimizer steps of GRPO (with a KL reference and batch-scaled
-advantages), GRPO without KL (zero-advantage rows skipped, unevenly across the ranks) and PPO
-with a separate critic on a fixed global batch split across the two ranks, and compares the losses and
-the final parameters with a single-process run of the same global batch. The script itself
-asserts that both ranks end with identical parameters.
+advantages), GRPO without KL (zero-advantage rows skipped, unevenly across the ranks), PPO with
+the value head on the shared trunk and PPO with a separate critic on a fixed global batch split
+across the two ranks, and compares the losses and the final parameters with a single-process run
+of the same global batch. The script itself asserts that both ranks end with identical
+parameters. (Full runs with real rollouts through the entry point are in test_train.py.)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "distributed_update.py"
-OBJECTIVES = "grpo,grpo_skip,ppo_critic"
+OBJECTIVES = "grpo,grpo_skip,ppo_head,ppo_critic"
 
 
 def _run(cmd: list[str], log: Path) -> None:
