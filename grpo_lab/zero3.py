@@ -112,7 +112,11 @@ def gather_params_for_generation(model: nn.Module) -> Iterator[None]:
 @contextmanager
 def _hooks_paused(offload) -> Iterator[None]:
     """The engine's per-module fetch/release hooks and its start-of-forward hook removed for
-    the block, then registered again in the same order (no-op when ``offload`` is None)."""
+    the block, then registered again in the same order (no-op when ``offload`` is None).
+
+    NOTE: DeepSpeed has no public switch for this; it uses ``DeepSpeedZeRoOffload``'s hook
+    handles and ``_register_deepspeed_module`` (as TRL's ``unwrap_model_for_generation`` does),
+    checked against the pinned deepspeed 0.19 by ``tests/test_zero3.py``."""
     if offload is None:
         yield
         return

@@ -99,3 +99,33 @@ def test_single_process_collectives_are_the_identity_and_stats_match_algos():
     torch.testing.assert_close(mean, torch.tensor(7 / 3))
     torch.testing.assert_close(var, torch.tensor(7 / 3))
     torch.testing.assert_close(var, algos.masked_var(x, mask))
+
+
+def test_parameter_digest_tells_replicas_apart():
+    """The digest is SHA-256 over each parameter's name, dtype, shape and bytes: recomputed here
+    by hand for a two-parameter module; a copy has the same digest, one changed element or a
+    renamed parameter another; differing ranks fail the check with the model named."""
+    import copy
+    import hashlib
+
+    from grpo_lab import distributed
+
+    module = torch.nn.Linear(3, 2)
+    h = hashlib.sha256()
+    for name in ("weight", "bias"):
+        p = getattr(module, name)
+        h.update(f"{name}:torch.float32:{tuple(p.shape)};".encode())
+        h.update(p.detach().numpy().tobytes())
+    assert distributed.parameter_digest(module) == h.hexdigest()
+
+    twin = copy.deepcopy(module)
+    assert distributed.parameter_digest(twin) == h.hexdigest()
+    with torch.no_grad():
+        twin.weight[1, 2] = torch.nextafter(twin.weight[1, 2], torch.tensor(1.0))
+    assert distributed.parameter_digest(twin) != h.hexdigest()
+    renamed = torch.nn.Sequential(copy.deepcopy(module))  # "0.weight", "0.bias"
+    assert distributed.parameter_digest(renamed) != h.hexdigest()
+
+    distributed.check_replicas({"policy": ["a", "a"], "critic": ["b", "b"]}, "final/replicas.json")
+    with pytest.raises(RuntimeError, match=r"ranks hold different parameters .*\(critic;"):
+        distributed.check_replicas({"policy": ["a", "a"], "critic": ["b", "c"]}, "x")
