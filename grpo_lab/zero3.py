@@ -11,10 +11,11 @@ collective on another rank (gloo: ``op.preamble.length <= op.nbytes``), or waits
 :func:`gather_params_for_generation` removes every collective from the rollout's forwards: it
 all-gathers every parameter once (one collective, the same on every rank) and takes the
 engine's module hooks off until the rollout ends, so nothing releases the gathered parameters
-after a layer and nothing re-gathers them one layer at a time. Releasing and re-gathering used
-to happen whenever the sampled module was not the engine's root (e.g. the causal LM inside
-:class:`grpo_lab.models.PolicyWithValueHead`, whose root-level start-of-forward hook then never
-ran), which is how the decode-step counts came to decide the collectives.
+after a layer and nothing re-gathers them one layer at a time. With the hooks on, a gather alone
+is not enough: the hooks release what it gathered as soon as their module trace no longer
+matches, at once when the sampled module is not the engine's root (the causal LM inside
+:class:`grpo_lab.models.PolicyWithValueHead`, whose root-level start-of-forward hook never runs),
+and the decode-step counts then decide the collectives.
 
 The hooks are found on the engine, so a ZeRO-3 model must be given to the rollout with its
 engine (the model ``accelerator.prepare`` returned, or any wrapper around it); the bare module
