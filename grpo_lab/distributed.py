@@ -1,5 +1,6 @@
 """Process-group plumbing for the trainer: the accelerator, DeepSpeed engine settings,
-collectives over ranks, and the backward / step that differ between DDP and DeepSpeed.
+collectives over ranks, the backward / step that differ between DDP and DeepSpeed, and the
+check that every rank ends with the same parameters.
 
 Everything here takes the ``Accelerator`` explicitly; on one process every collective is the
 identity, so single-process runs pay nothing.
@@ -7,13 +8,14 @@ identity, so single-process runs pay nothing.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from contextlib import nullcontext
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object
 from torch import Tensor, nn
 
 from grpo_lab.config import Config
@@ -130,3 +132,34 @@ def engine_step(model: nn.Module) -> float:
     model.step()
     norm = model.get_global_grad_norm()
     return float(norm) if norm is not None else math.nan
+
+
+# Written next to a saved model: each rank's parameter_digest of every model it saved.
+REPLICAS_FILE = "replicas.json"
+
+
+def parameter_digest(module: nn.Module) -> str:
+    """SHA-256 (hex) of ``module``'s parameters: names, dtypes, shapes and bytes, in
+    ``named_parameters`` order. Under ZeRO-3 call it where the parameters are gathered."""
+    h = hashlib.sha256()
+    for name, p in module.named_parameters():
+        h.update(f"{name}:{p.dtype}:{tuple(p.shape)};".encode())
+        h.update(p.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def replica_digests(acc: Accelerator, module: nn.Module) -> list[str]:
+    """Every rank's :func:`parameter_digest` of its own copy of ``module``, in rank order (a
+    collective: every rank calls it)."""
+    digest = parameter_digest(module)
+    return gather_object([digest]) if acc.num_processes > 1 else [digest]
+
+
+def check_replicas(replicas: dict[str, list[str]], where: str) -> None:
+    """Raise if the ranks' digests of any model (``{model: [digest per rank]}``) differ."""
+    differ = {name: d for name, d in replicas.items() if len(set(d)) > 1}
+    if differ:
+        raise RuntimeError(
+            f"ranks hold different parameters after training ({', '.join(differ)}; digests per "
+            f"rank in {where}): a rank missed or repeated an update; the saved model is rank 0's"
+        )

@@ -55,6 +55,7 @@ from transformers import DynamicCache, GenerationConfig, LogitsProcessor, Logits
 from transformers.cache_utils import DynamicLayer
 
 from grpo_lab.models import position_ids_from_mask
+from grpo_lab.zero3 import check_generation_model, gather_params_for_generation
 
 Prompts = Sequence[str] | Sequence[Sequence[int]]
 
@@ -153,30 +154,6 @@ class RolloutBackend(Protocol):
         batch_size: int | None = None,
         generator: torch.Generator | None = None,
     ) -> RolloutBatch: ...
-
-
-@contextmanager
-def gather_params_for_generation(model: nn.Module) -> Iterator[None]:
-    """Under DeepSpeed ZeRO-3 gather every parameter once for the whole rollout; else a no-op.
-
-    ZeRO-3 parameters carry ``ds_id``; gathering them up front (read-only, no modifier rank)
-    avoids one all-gather per layer per decoding step. NOTE: the gather is a collective, so every
-    rank must enter it, and the full model must fit in one device's memory during the rollout.
-    Re-entrant: inside an enclosing gather of the same parameters it does nothing.
-    """
-    params = list(model.parameters())
-    if not any(hasattr(p, "ds_id") and hasattr(p, "ds_status") for p in params):
-        yield
-        return
-    import deepspeed
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    if all(p.ds_status == ZeroParamStatus.AVAILABLE for p in params):
-        # Already gathered by an enclosing call (e.g. the trainer around a whole evaluation).
-        yield
-        return
-    with deepspeed.zero.GatheredParameters(params):
-        yield
 
 
 class _SampledLogProbRecorder(LogitsProcessor):
@@ -333,6 +310,7 @@ class _ChunkedBackend:
     ) -> RolloutBatch:
         _check_args(group_size, max_new_tokens, temperature, top_p, top_k, batch_size)
         lm = _generation_model(model)
+        check_generation_model(model, lm)
         prompt_tokens = _tokenize_prompts(tokenizer, prompts)
         eos_ids = _resolve_eos_ids(lm, tokenizer, eos_token_id)
         if not eos_ids and not ignore_eos:
@@ -356,7 +334,7 @@ class _ChunkedBackend:
         was_training = lm.training
         lm.eval()
         try:
-            with torch.no_grad(), gather_params_for_generation(lm), _seeded(generator, device):
+            with torch.no_grad(), gather_params_for_generation(model), _seeded(generator, device):
                 for start in range(0, len(prompt_tokens), prompts_per_chunk):
                     chunk = prompt_tokens[start : start + prompts_per_chunk]
                     chunks.append(self.generate_chunk(lm, chunk, decoding))
@@ -391,6 +369,9 @@ class HFGenerateBackend(_ChunkedBackend):
             attention_mask=mask,
             generation_config=_generation_config(d),
             logits_processor=LogitsProcessorList([recorder]),
+            # The parameters are gathered for the whole rollout (ZeRO-3 hooks paused): a rank
+            # stops when its own rows finish, with no per-token all-reduce to wait for the others.
+            synced_gpus=False,
         )
         completion = out.sequences[:, ids.shape[1] :]  # [n, C]
         return _finish_chunk(ids, mask, completion, recorder.finish(completion), d)
@@ -911,6 +892,9 @@ def generate(
         model: a causal LM (plain, peft-wrapped or under DeepSpeed ZeRO-3), an object with a
             ``generation_model`` attribute (e.g. ``PolicyWithValueHead``), or a DDP/DeepSpeed
             wrapper (``.module``) around either. Its train/eval mode is restored afterwards.
+            Under DeepSpeed ZeRO-3 it must be (or wrap) the engine: the parameters are gathered
+            once and the engine's hooks paused for the rollout, so no decode step makes a
+            collective call (see :mod:`grpo_lab.zero3`).
         tokenizer: tokenises string prompts with its defaults (``add_special_tokens=True``, so a
             BOS is added only by tokenizers that add one by default); supplies the pad id and,
             unless given, the EOS id. May be None when prompts are token ids and

@@ -9,4 +9,4 @@ from grpo_lab.cli import main
 if __name__ == "__main__":
     import sys
 
-    main(["train", *sys.argv[1:]])
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -21,6 +21,7 @@ Departures from the papers, on purpose:
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import shutil
@@ -430,9 +431,10 @@ class Trainer:
             )
             for q in questions
         ]
-        # The rollout engine gathers ZeRO-3 parameters once for the whole rollout itself.
+        # The policy as prepared: under ZeRO-3 the engine gathers its parameters once for the
+        # whole rollout and pauses its hooks (grpo_lab.zero3).
         batch = generate(
-            self.generation_model,
+            self.policy,
             self.tokenizer,
             prompts,
             group_size=r.group_size,
@@ -778,7 +780,7 @@ class Trainer:
         cfg = self.cfg
         local = self.eval_problems[self.rank :: self.world]
         correct = 0.0
-        model = self.generation_model
+        model = self.policy  # as prepared: under ZeRO-3 the engine, see _rollout
         # NOTE: the ZeRO-3 gather is a collective: every rank enters it, even one with no problems.
         with gather_params_for_generation(model):
             if local:
@@ -865,13 +867,16 @@ class Trainer:
         """Write the policy (or its LoRA adapter and value head), tokenizer and critic to `path`.
 
         Written to ``<path>.tmp`` and renamed into place. Under ZeRO-3 every rank takes part in
-        gathering the partitioned weights; the main process writes.
+        gathering the partitioned weights; the main process writes. ``replicas.json`` holds each
+        rank's digest of its parameters; ranks that differ raise after the save.
         """
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         self.acc.wait_for_everyone()
         policy = self.acc.unwrap_model(self.policy)
+        replicas = {}  # every rank's digest of its own parameters, checked below
         with gather_params_for_generation(policy):
+            replicas["policy"] = distributed.replica_digests(self.acc, policy)
             if self.acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
                 policy.save_pretrained(tmp)
@@ -879,11 +884,14 @@ class Trainer:
         if self.critic is not None:
             critic = self.acc.unwrap_model(self.critic)
             with gather_params_for_generation(critic):
+                replicas["critic"] = distributed.replica_digests(self.acc, critic)
                 if self.acc.is_main_process:
                     critic.save_pretrained(tmp / "critic")
         if self.acc.is_main_process:
+            (tmp / distributed.REPLICAS_FILE).write_text(json.dumps(replicas, indent=2) + "\n")
             replace_folder(tmp, path)
         self.acc.wait_for_everyone()
+        distributed.check_replicas(replicas, str(path / distributed.REPLICAS_FILE))
 
 
 def _solved_groups(rewards: torch.Tensor, G: int) -> torch.Tensor:
