@@ -472,7 +472,11 @@ class Trainer:
     def _rollout_value_head(self):
         """The shared-trunk value head, for engines that read values while sampling (the old
         values then cost no forward pass); None otherwise."""
-        if self.value_mode != "head" or not reads_values(self.rollout_backend):
+        if not (
+            self.value_mode == "head"
+            and self.cfg.ppo.values_from_rollout
+            and reads_values(self.rollout_backend)
+        ):
             return None
         return self.acc.unwrap_model(self.policy).v_head
 
