@@ -38,7 +38,8 @@ groups with all-equal rewards) and ``extra`` (``static_gib``: parameters, gradie
 state per trained model, from :func:`grpo_lab.harness.model_footprint`; ``ru_maxrss_gib_after``:
 the process's own peak RSS on CPU; ``zero_std_groups`` and ``zero_advantage_rows_skipped`` per
 step; ``values_pass``: whether a separate values forward ran; recipe and overrides).
-``ratios.<impl>`` (``time``, ``time_best``, ``memory``, ``time_by_round``) are relative to TRL,
+``ratios.<impl>`` (``time``, ``time_best``, ``memory``, ``cpu_time``, ``cpu_time_mean``,
+``time_by_round``, ``cpu_time_by_round``) are relative to TRL,
 ``ratios_vs_grpo.<impl>`` the same relative to grpo_lab's GRPO. ``reward`` holds the reward kind,
 target zero-std fraction and seed.
 
@@ -719,11 +720,12 @@ def _sync(device: torch.device) -> None:
 
 
 def summarise(values: Sequence[float]) -> dict[str, float]:
-    """Median, min and max of ``values`` (NaN for an empty list)."""
+    """Median, mean, min and max of ``values`` (NaN for an empty list)."""
     if not values:
-        return {"median": math.nan, "min": math.nan, "max": math.nan}
+        return {"median": math.nan, "mean": math.nan, "min": math.nan, "max": math.nan}
     return {
         "median": float(statistics.median(values)),
+        "mean": float(statistics.fmean(values)),
         "min": float(min(values)),
         "max": float(max(values)),
     }
@@ -1117,7 +1119,9 @@ def compute_ratios(results: dict[str, dict], base: str = "trl") -> dict[str, dic
     """Per impl and relative to ``base`` (empty without a ``base`` result): ``time`` (median
     step), ``time_best`` (fastest step; less sensitive to other jobs on a shared machine),
     ``memory``, ``cpu_time`` (median CPU seconds of the process per step: on a CPU shared with
-    other jobs, far less sensitive to them than wall time), and with several rounds
+    other jobs, far less sensitive to them than wall time), ``cpu_time_mean`` (the same with
+    means: where steps differ in work, e.g. in their share of zero-std groups, the mean counts
+    it in proportion), and with several rounds
     ``time_by_round`` / ``cpu_time_by_round`` (each round's median over the base's in that
     round)."""
     if base not in results:
@@ -1133,9 +1137,15 @@ def compute_ratios(results: dict[str, dict], base: str = "trl") -> dict[str, dic
             "time_best": best / base_best if base_best > 0 else math.nan,
             "memory": m / base_m if base_m > 0 else math.nan,
         }
-        cpu, base_cpu = (x.get("step_cpu_s_summary", {}).get("median") for x in (r, base))
-        if cpu is not None and base_cpu is not None and math.isfinite(base_cpu) and base_cpu > 0:
-            ratios[impl]["cpu_time"] = cpu / base_cpu
+        for key, stat in (("cpu_time", "median"), ("cpu_time_mean", "mean")):
+            cpu, base_cpu = (x.get("step_cpu_s_summary", {}).get(stat) for x in (r, base))
+            if (
+                cpu is not None
+                and base_cpu is not None
+                and math.isfinite(base_cpu)
+                and base_cpu > 0
+            ):
+                ratios[impl][key] = cpu / base_cpu
         mine, theirs = (x.get("extra", {}).get("round_median_step_s") for x in (r, base))
         if mine and theirs and len(mine) == len(theirs) > 1:
             ratios[impl]["time_by_round"] = [a / b for a, b in zip(mine, theirs)]

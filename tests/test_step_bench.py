@@ -243,7 +243,12 @@ def test_merge_rounds_pools_steps_and_keeps_per_round_medians_and_the_highest_me
     }
     assert merged.step_cpu_s == [0.25, 0.75, 0.5, 1.0]
     # Pooled median of [1, 2, 3, 4] is 2.5.
-    assert merged.to_dict()["step_s_summary"] == {"median": 2.5, "min": 1.0, "max": 4.0}
+    assert merged.to_dict()["step_s_summary"] == {
+        "median": 2.5,
+        "mean": 2.5,
+        "min": 1.0,
+        "max": 4.0,
+    }
 
 
 def test_ratios_by_round_divide_each_round_median_by_trls():
@@ -257,6 +262,7 @@ def test_ratios_by_round_divide_each_round_median_by_trls():
     # CPU seconds are a quarter of the wall seconds on both sides: the same ratios.
     assert ratios["grpo"]["cpu_time_by_round"] == [0.5, 0.75]
     assert ratios["grpo"]["cpu_time"] == 2.0 / 3.0
+    assert ratios["grpo"]["cpu_time_mean"] == 2.0 / 3.0  # means 0.5 / 0.75
 
 
 def test_json_safe_turns_non_finite_floats_into_null():
