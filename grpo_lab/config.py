@@ -257,7 +257,8 @@ class PPOConfig:
     values_from_rollout: bool = True
     """ppo.value=head: read the rollout-time values off the sampling forwards (engines
     shared_prefix and static) instead of a separate no-grad values pass (the same values, to
-    float rounding); false = always the separate pass."""
+    float rounding, for a model without dropout: the rollout runs in eval mode); false = always
+    the separate pass."""
 
 
 @dataclass

@@ -4,7 +4,8 @@ One optimizer step (``Trainer.step``), read top to bottom:
 
     sample prompts -> rollout (G completions each) -> reward -> old log-probs (only when the
     batch is used for more than one optimizer step) -> reference log-probs (only when
-    ``loss.kl_coef > 0``) -> values (PPO) -> advantages (registry) -> epochs x minibatches x
+    ``loss.kl_coef > 0``) -> values (PPO; a value head's are read during the rollout by engines
+    that can) -> advantages (registry) -> epochs x minibatches x
     micro-batches of policy loss (+ value loss, + KL in the loss) -> grad clip -> optimizer.
 
 The maths lives in :mod:`grpo_lab.algos`; this module only orchestrates it. Launch it with
