@@ -1334,8 +1334,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads",
         type=int,
-        help="torch intra-op threads for every implementation (default: the GRPO recipe's "
-        "trainer.cpu_threads, else torch's default)",
+        help="torch intra-op threads for every implementation (default: the preset's, 1 for mid; "
+        "else the GRPO recipe's trainer.cpu_threads, else torch's default)",
     )
     parser.add_argument(
         "--allow-cpu", action="store_true", help="run a GPU preset on the CPU anyway (very slow)"
