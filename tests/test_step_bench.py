@@ -367,7 +367,13 @@ def test_tiny_grpo_and_trl_end_to_end_with_ratios(capsys):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["trl_loss_type"] == "dapo"
     assert set(report["ratios"]) == {"trl", "grpo"}
-    assert report["ratios"]["trl"] == {"time": 1.0, "time_best": 1.0, "memory": 1.0}
+    assert report["ratios"]["trl"] == {
+        "time": 1.0,
+        "time_best": 1.0,
+        "memory": 1.0,
+        "cpu_time": 1.0,
+        "cpu_time_mean": 1.0,
+    }
     assert 1 <= report["results"]["trl"]["completion_len_mean"] <= 6
 
 

@@ -575,3 +575,21 @@ def test_rollout_time_values_leave_the_ppo_head_update_unchanged(tiny_model_dir,
     # A whole step: no values phase at all.
     record = trainer.step()
     assert "time/values_s" not in record and "value/explained_variance" in record
+
+
+@pytest.mark.parametrize(
+    "overrides", [["rollout.backend=hf"], ["ppo.values_from_rollout=false"]], ids=["hf", "off"]
+)
+def test_ppo_head_falls_back_to_a_values_pass(overrides, tiny_model_dir, tmp_path):
+    """An engine that cannot read values (hf), or the readout switched off: the old values come
+    from a separate no-grad pass, timed as the values phase."""
+    cfg = small_config(
+        tiny_model_dir,
+        tmp_path,
+        *OBJECTIVES["ppo_head"],
+        "trainer.epochs=1",
+        "trainer.num_minibatches=1",
+        *overrides,
+    )
+    record = Trainer(cfg).step()
+    assert "time/values_s" in record and "value/explained_variance" in record
