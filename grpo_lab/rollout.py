@@ -38,6 +38,10 @@ Backends sit behind the narrow :class:`RolloutBackend` protocol and are named in
 
 A vLLM-style engine plugs in the same way: anything with :class:`RolloutBackend`'s ``generate``
 can be passed as ``backend=``.
+
+Values: ``shared_prefix`` and ``static`` can also read a value head on the sampling trunk as they
+go (``generate(..., value_head=)``, :class:`ValueReadout`, :func:`reads_values`), filling
+``RolloutBatch.values`` without a forward pass of their own; ``hf`` and ``compiled`` cannot.
 """
 
 from __future__ import annotations
