@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU measurements that benchmarks/RESULTS.md records, on one CUDA device (H100/H200 class):
 #   1. workload W (Qwen2.5-0.5B shape, random init, bf16, 8 prompts x G=8, 64-token prompts,
-#      256-token completions): grpo_lab GRPO, PPO-head and PPO-critic against TRL's GRPOTrainer,
-#      with per-phase times and peak memory;
+#      256-token completions, the controlled reward: every group has signal): grpo_lab GRPO,
+#      PPO-head and PPO-critic, standard and at matched updates (*_matched), against TRL's
+#      GRPOTrainer, each in its own process, with per-phase times and peak memory;
 #   2. grpo_lab's GRPO step on W with LoRA (r=16) for peak memory against full fine-tuning (1.);
 #   3. grpo_lab's GRPO step on W with the static-cache rollout engine, eager and compiled (CUDA
 #      graphs; the first step compiles), against the default shared-prefix engine (1.).

@@ -254,6 +254,11 @@ class PPOConfig:
     """Critic checkpoint (ppo.value=critic); null = the policy's checkpoint."""
     critic_lr: float | None = None
     """Critic learning rate (ppo.value=critic); null = trainer.lr."""
+    values_from_rollout: bool = True
+    """ppo.value=head: read the rollout-time values off the sampling forwards (engines
+    shared_prefix and static) instead of a separate no-grad values pass (the same values, to
+    float rounding, for a model without dropout: the rollout runs in eval mode); false = always
+    the separate pass."""
 
 
 @dataclass

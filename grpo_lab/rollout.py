@@ -38,6 +38,10 @@ Backends sit behind the narrow :class:`RolloutBackend` protocol and are named in
 
 A vLLM-style engine plugs in the same way: anything with :class:`RolloutBackend`'s ``generate``
 can be passed as ``backend=``.
+
+Values: ``shared_prefix`` and ``static`` can also read a value head on the sampling trunk as they
+go (``generate(..., value_head=)``, :class:`ValueReadout`, :func:`reads_values`), filling
+``RolloutBatch.values`` without a forward pass of their own; ``hf`` and ``compiled`` cannot.
 """
 
 from __future__ import annotations
@@ -71,6 +75,9 @@ class RolloutBatch:
     sampling_logp: Tensor  # [N, C] float32, log-prob under softmax(logits / T); 0 where mask is 0
     truncated: Tensor  # [N] bool, no EOS within max_new_tokens
     group_size: int  # G of the rollout; rows of a `select`ed subset keep this value
+    # [N, C] float32 V(s_t) read at rollout time by a value head on the sampling trunk (see
+    # `generate`'s ``value_head``); 0 where the mask is 0; None when not read
+    values: Tensor | None = None
 
     @property
     def input_ids(self) -> Tensor:  # [N, P+C]
@@ -128,6 +135,9 @@ class RolloutBatch:
             ),
             truncated=self.truncated,
             group_size=self.group_size,
+            values=None
+            if self.values is None
+            else torch.cat([self.values, self.values.new_zeros(n, extra)], dim=1),
         )
 
     def _map(self, fn) -> RolloutBatch:
@@ -287,10 +297,54 @@ def sample_inverse_cdf(probs: Tensor) -> Tensor:  # [n, V] -> [n] long
 SAMPLERS = {"multinomial": sample_multinomial, "inverse_cdf": sample_inverse_cdf}
 
 
+class ValueReadout:
+    """Values V(s_t) = ``value_head(h_t)`` read off the sampling forwards, where h_t is the
+    hidden state the LM head receives (the trunk's last, post-norm hidden state: what
+    :class:`grpo_lab.models.PolicyWithValueHead` feeds its head).
+
+    A forward pre-hook on the LM head keeps ``value_head(h[:, -1])`` ([n] float32) of the last
+    call; :meth:`take` returns it. The decode loop calls the model once per step on the last
+    sampled token, so after step s the head has read the state that predicts completion token s:
+    the prefill's last prompt position gives V(s_0), the forward of token s-1 gives V(s_s). No
+    extra forward and no extra parameter gather: the engine gathers the head with the model.
+    """
+
+    def __init__(self, lm: nn.Module, value_head: nn.Module):
+        head = lm.get_output_embeddings()
+        if head is None:
+            raise ValueError("value_head: the model has no LM head to read hidden states from")
+        self.value_head = value_head
+        self._last: Tensor | None = None
+        self._handle = head.register_forward_pre_hook(self._read)
+
+    def _read(self, module: nn.Module, args: tuple) -> None:
+        self._last = self.value_head(args[0][:, -1])  # [n, K, H] -> [n]
+
+    def take(self) -> Tensor:  # [n] float32, the values of the last forward
+        if self._last is None:
+            raise RuntimeError("no forward has reached the LM head since the last take()")
+        values, self._last = self._last.float(), None
+        return values
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def reads_values(backend: str | RolloutBackend) -> bool:
+    """Whether ``backend`` can read a value head during the rollout (``generate``'s
+    ``value_head``); a caller that needs values from another engine runs its own forward."""
+    return bool(getattr(resolve_backend(backend), "reads_values", False))
+
+
 class _ChunkedBackend:
     """The part every backend shares: argument checks, prompt tokenisation, EOS / pad
     resolution, chunking by whole groups, no grad, the ZeRO-3 gather, seeding and restoring
-    train/eval mode. A subclass only turns one chunk of prompts into a :class:`RolloutBatch`."""
+    train/eval mode. A subclass only turns one chunk of prompts into a :class:`RolloutBatch`.
+
+    A subclass that sets ``reads_values`` also fills :attr:`RolloutBatch.values` from a
+    :class:`ValueReadout` passed to its ``generate_chunk``."""
+
+    reads_values = False
 
     def generate(
         self,
@@ -307,8 +361,11 @@ class _ChunkedBackend:
         ignore_eos: bool = False,
         batch_size: int | None = None,
         generator: torch.Generator | None = None,
+        value_head: nn.Module | None = None,
     ) -> RolloutBatch:
         _check_args(group_size, max_new_tokens, temperature, top_p, top_k, batch_size)
+        if value_head is not None and not self.reads_values:
+            raise ValueError(f"value_head: {type(self).__name__} does not read values")
         lm = _generation_model(model)
         check_generation_model(model, lm)
         prompt_tokens = _tokenize_prompts(tokenizer, prompts)
@@ -333,19 +390,27 @@ class _ChunkedBackend:
         chunks = []
         was_training = lm.training
         lm.eval()
+        readout = None
         try:
+            # The engine's gather covers a value head read during the rollout: it is part of
+            # the engine's module (PolicyWithValueHead), so one collective serves both.
             with torch.no_grad(), gather_params_for_generation(model), _seeded(generator, device):
+                readout = None if value_head is None else ValueReadout(lm, value_head)
+                extra = {} if readout is None else {"readout": readout}
                 for start in range(0, len(prompt_tokens), prompts_per_chunk):
                     chunk = prompt_tokens[start : start + prompts_per_chunk]
-                    chunks.append(self.generate_chunk(lm, chunk, decoding))
+                    chunks.append(self.generate_chunk(lm, chunk, decoding, **extra))
         finally:
+            if readout is not None:
+                readout.close()
             lm.train(was_training)
         return _concat_chunks(chunks, decoding.pad_id, group_size)
 
     def generate_chunk(
         self, lm: nn.Module, prompt_tokens: list[list[int]], decoding: Decoding
     ) -> RolloutBatch:
-        """One chunk of b prompts -> b*G rows; called under no grad with ``lm`` in eval mode."""
+        """One chunk of b prompts -> b*G rows; called under no grad with ``lm`` in eval mode
+        (engines with ``reads_values`` also take ``readout: ValueReadout | None``)."""
         raise NotImplementedError
 
 
@@ -420,6 +485,8 @@ class SharedPrefixBackend(_ChunkedBackend):
     and returns the per-token step); :class:`StaticCacheBackend` is one.
     """
 
+    reads_values = True
+
     def __init__(self, sampler: str = "multinomial", compact_below: float = 0.75):
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler: {sampler!r} is not one of {sorted(SAMPLERS)}")
@@ -429,7 +496,11 @@ class SharedPrefixBackend(_ChunkedBackend):
         self.compact_below = compact_below
 
     def generate_chunk(
-        self, lm: nn.Module, prompt_tokens: list[list[int]], decoding: Decoding
+        self,
+        lm: nn.Module,
+        prompt_tokens: list[list[int]],
+        decoding: Decoding,
+        readout: ValueReadout | None = None,
     ) -> RolloutBatch:
         d, g = decoding, decoding.group_size
         device = next(lm.parameters()).device
@@ -441,6 +512,8 @@ class SharedPrefixBackend(_ChunkedBackend):
             lm, prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask), cache, **keep
         )
         logits = logits.repeat_interleave(g, dim=0)  # [n, V]
+        value = None if readout is None else readout.take().repeat_interleave(g)  # [n]
+        values = []  # each [n]
         step_fn = self.decoder(lm, cache, prompt_mask, d)
         eos = torch.tensor(d.eos_ids, dtype=torch.long, device=device)  # [E]
         stop_on_eos = eos.numel() > 0 and not d.ignore_eos
@@ -451,8 +524,13 @@ class SharedPrefixBackend(_ChunkedBackend):
             if step > 0:
                 fed = tokens[-1] if rows is None else tokens[-1][rows]
                 logits = step_fn(fed, step)  # [m, V]
+                value = None if readout is None else readout.take()  # [m]
                 if rows is not None:  # dropped rows: placeholder logits, their token is pad
                     logits = logits.new_zeros(n, logits.shape[1]).index_copy_(0, rows, logits)
+                    if value is not None:
+                        value = value.new_zeros(n).index_copy_(0, rows, value)
+            if value is not None:
+                values.append(value)
             token, logp = choose_tokens(logits, d, sampler=self.sampler)
             tokens.append(torch.where(unfinished, token, d.pad_id))
             logps.append(logp)
@@ -469,7 +547,14 @@ class SharedPrefixBackend(_ChunkedBackend):
         completion = torch.stack(tokens, dim=1)  # [n, C]
         prompt_ids = prompt_ids.repeat_interleave(g, dim=0)  # [n, P]
         prompt_mask = prompt_mask.repeat_interleave(g, dim=0)
-        return _finish_chunk(prompt_ids, prompt_mask, completion, torch.stack(logps, dim=1), d)
+        return _finish_chunk(
+            prompt_ids,
+            prompt_mask,
+            completion,
+            torch.stack(logps, dim=1),
+            d,
+            values=torch.stack(values, dim=1) if values else None,
+        )
 
     def prefill_capacity(self, prompt_len: int, decoding: Decoding) -> int:
         """Positions the prefill cache is allocated with: the whole rollout, since this engine
@@ -585,15 +670,21 @@ class StaticCacheBackend(SharedPrefixBackend):
         if capacity_multiple < 1:
             raise ValueError(f"capacity_multiple must be >= 1, got {capacity_multiple}")
         self.compile = compile
+        # The compiled step's graph would not run the readout's hook (the eager step does).
+        self.reads_values = not compile
         self.capacity_multiple = capacity_multiple
         self._compiled_forward: Callable | None = None
         self._kept: tuple[tuple, DynamicCache] | None = None  # (key, cache) when compiling
 
     def generate_chunk(
-        self, lm: nn.Module, prompt_tokens: list[list[int]], decoding: Decoding
+        self,
+        lm: nn.Module,
+        prompt_tokens: list[list[int]],
+        decoding: Decoding,
+        readout: ValueReadout | None = None,
     ) -> RolloutBatch:
         _attention_mask_4d(lm, torch.ones(1, 1, 1, 1, dtype=torch.bool))  # fail before prefill
-        return super().generate_chunk(lm, prompt_tokens, decoding)
+        return super().generate_chunk(lm, prompt_tokens, decoding, readout)
 
     def prefill_capacity(self, prompt_len: int, decoding: Decoding) -> int:
         """The prompt only: decoding happens in the static cache the prefill is copied to."""
@@ -885,6 +976,7 @@ def generate(
     batch_size: int | None = None,
     generator: torch.Generator | None = None,
     backend: str | RolloutBackend = "hf",
+    value_head: nn.Module | None = None,
 ) -> RolloutBatch:
     """Sample ``group_size`` completions per prompt from the current policy (no grad).
 
@@ -917,11 +1009,16 @@ def generate(
         generator: see the module docstring on reproducibility.
         backend: a name in :data:`ROLLOUT_BACKENDS` (``"hf"`` or ``"shared_prefix"``) or any
             :class:`RolloutBackend`.
+        value_head: a module [n, H] -> [n] (a :class:`grpo_lab.models.ValueHead` on this
+            model's trunk) read during the rollout into ``RolloutBatch.values``, saving a value
+            model's no-grad forward; only for engines where :func:`reads_values` is true
+            (``shared_prefix``, ``static``), others raise ``ValueError``.
 
     Explicit values replace the model's ``generation_config`` for temperature, top-k/p,
     typical-p, repetition penalty, n-gram ban and minimum length (checkpoints often ship e.g.
     ``top_k=20``), so results do not depend on it; ``"shared_prefix"`` never reads it.
     """
+    extra = {} if value_head is None else {"value_head": value_head}
     return resolve_backend(backend).generate(
         model,
         tokenizer,
@@ -935,6 +1032,7 @@ def generate(
         ignore_eos=ignore_eos,
         batch_size=batch_size,
         generator=generator,
+        **extra,
     )
 
 
@@ -985,6 +1083,7 @@ def _finish_chunk(
     completion: Tensor,  # [n, C] sampled tokens, pad id after a row finished
     logp: Tensor,  # [n, C] float32 sampling log-probs
     decoding: Decoding,
+    values: Tensor | None = None,  # [n, C] float32 rollout-time values
 ) -> RolloutBatch:
     """Masks, re-padding and truncation flags of one chunk (identical for every backend)."""
     if decoding.ignore_eos:
@@ -1002,6 +1101,7 @@ def _finish_chunk(
         sampling_logp=logp.masked_fill(comp_mask == 0, 0.0),
         truncated=truncated,
         group_size=decoding.group_size,
+        values=None if values is None else values.masked_fill(comp_mask == 0, 0.0),
     )
 
 
@@ -1051,6 +1151,9 @@ def _concat_chunks(chunks: list[RolloutBatch], pad_id: int, group_size: int) -> 
         sampling_logp=cat("sampling_logp", c_len, 0.0, left=False),
         truncated=torch.cat([c.truncated for c in chunks]),
         group_size=group_size,
+        values=cat("values", c_len, 0.0, left=False)
+        if all(c.values is not None for c in chunks)
+        else None,
     )
 
 

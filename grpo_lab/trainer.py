@@ -4,7 +4,8 @@ One optimizer step (``Trainer.step``), read top to bottom:
 
     sample prompts -> rollout (G completions each) -> reward -> old log-probs (only when the
     batch is used for more than one optimizer step) -> reference log-probs (only when
-    ``loss.kl_coef > 0``) -> values (PPO) -> advantages (registry) -> epochs x minibatches x
+    ``loss.kl_coef > 0``) -> values (PPO; a value head's are read during the rollout by engines
+    that can) -> advantages (registry) -> epochs x minibatches x
     micro-batches of policy loss (+ value loss, + KL in the loss) -> grad clip -> optimizer.
 
 The maths lives in :mod:`grpo_lab.algos`; this module only orchestrates it. Launch it with
@@ -26,6 +27,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,13 +67,14 @@ from grpo_lab.models import (
     load_tokenizer,
     shared_prompt_completion_forward,
 )
-from grpo_lab.rewards import score_batch
+from grpo_lab.rewards import ScoreResult, score_batch
 from grpo_lab.rollout import (
     RolloutBatch,
     build_backend,
     decode_completions,
     gather_params_for_generation,
     generate,
+    reads_values,
 )
 
 logger = logging.getLogger("grpo_lab")
@@ -94,9 +97,24 @@ class Experience:
     returns: torch.Tensor  # [N, C]
 
 
+# (completions, golds) -> one ScoreResult per completion: score_batch's signature.
+RewardFn = Callable[[list[str], list[str]], list[ScoreResult]]
+
+
 class Trainer:
-    def __init__(self, cfg: Config, accelerator: Accelerator | None = None):
+    """``reward_fn`` replaces the recipe's rule-based math reward (e.g. a benchmark's
+    :class:`grpo_lab.rewards.ControlledReward`); by default :func:`score_batch` with
+    ``reward.timeout_s``."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        accelerator: Accelerator | None = None,
+        *,
+        reward_fn: RewardFn | None = None,
+    ):
         self.cfg = cfg
+        self.reward_fn = reward_fn or functools.partial(score_batch, timeout_s=cfg.reward.timeout_s)
         self.acc = accelerator or distributed.build_accelerator(cfg)
         self.world = self.acc.num_processes
         self.rank = self.acc.process_index
@@ -393,9 +411,7 @@ class Trainer:
             batch = self._rollout([p.question for p in problems])
         with self._phase("reward"):
             golds = [p.answer for p in problems for _ in range(cfg.rollout.group_size)]
-            results = score_batch(
-                decode_completions(self.tokenizer, batch), golds, timeout_s=cfg.reward.timeout_s
-            )
+            results = self.reward_fn(decode_completions(self.tokenizer, batch), golds)
             rewards = torch.tensor(
                 [r.score for r in results], dtype=torch.float32, device=batch.completion_ids.device
             )
@@ -445,6 +461,7 @@ class Trainer:
             ignore_eos=r.ignore_eos,
             batch_size=r.batch_size,
             backend=self.rollout_backend,
+            value_head=self._rollout_value_head,
         )
         batch = batch.to(self.acc.device)
         if self.world > 1:
@@ -453,6 +470,18 @@ class Trainer:
             longest = distributed.global_max(self.acc, batch.completion_len)
             batch = batch.pad_completions(longest, self.tokenizer.pad_token_id)
         return batch
+
+    @functools.cached_property
+    def _rollout_value_head(self):
+        """The shared-trunk value head, for engines that read values while sampling (the old
+        values then cost no forward pass); None otherwise."""
+        if not (
+            self.value_mode == "head"
+            and self.cfg.ppo.values_from_rollout
+            and reads_values(self.rollout_backend)
+        ):
+            return None
+        return self.acc.unwrap_model(self.policy).v_head
 
     def _make_experience(self, batch: RolloutBatch, rewards: torch.Tensor) -> Experience:
         cfg = self.cfg
@@ -472,6 +501,8 @@ class Trainer:
         if cfg.loss.kl_coef > 0:
             with self._phase("ref"), self._reference_model() as reference:
                 (ref_logp,) = self._no_grad_forward(reference, batch, "logp")
+        if self.is_ppo and old_values is None and batch.values is not None:
+            old_values = batch.values  # read by the rollout engine (value head on the trunk)
         if self.is_ppo and old_values is None:
             with self._phase("values"):
                 value_model = self.critic if self.critic is not None else self.policy

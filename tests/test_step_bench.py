@@ -135,9 +135,16 @@ def test_trl_settings_give_one_generation_batch_of_prompts_times_g_per_optimizer
 def test_grpo_lab_overrides_load_and_match_the_preset(preset, impl):
     p = sb.PRESETS[preset]
     overrides = sb.grpo_lab_overrides(
-        p, impl, model_path="some/model", output_dir="out", max_steps=7, seed=0, threads=3
+        p,
+        impl,
+        model_path="some/model",
+        prompts_path="prompts.jsonl",
+        output_dir="out",
+        max_steps=7,
+        seed=0,
+        threads=3,
     )
-    cfg = load_config(sb.RECIPES / p.recipes[impl], overrides)
+    cfg = load_config(sb.RECIPES / p.recipes[sb.impl_spec(impl)[0]], overrides)
     assert cfg.model.name_or_path == "some/model"
     assert (cfg.rollout.prompts_per_step, cfg.rollout.group_size) == (
         p.prompts_per_step,
@@ -146,11 +153,38 @@ def test_grpo_lab_overrides_load_and_match_the_preset(preset, impl):
     assert cfg.rollout.max_new_tokens == p.max_new_tokens
     assert cfg.rollout.ignore_eos == p.fixed_length
     assert (cfg.model.dtype, cfg.trainer.lr, cfg.loss.kl_coef) == (p.dtype, p.lr, 0.0)
-    assert cfg.data.name == "arith" and cfg.data.num_eval == 0
+    assert (cfg.data.name, cfg.data.path, cfg.data.num_eval) == ("math", "prompts.jsonl", 0)
     assert cfg.trainer.cpu_threads == 3
-    if impl == "grpo":
-        assert cfg.trainer.micro_batch_size == p.micro_batch_size
-        assert cfg.trainer.epochs * cfg.trainer.num_minibatches == 1
+    # Equal work: every implementation runs the preset's micro-batch.
+    assert cfg.trainer.micro_batch_size == p.micro_batch_size
+    updates = cfg.trainer.epochs * cfg.trainer.num_minibatches
+    if impl.startswith("grpo") or "_matched" in impl:
+        assert updates == 1
+    assert cfg.algorithm == ("grpo" if impl.startswith("grpo") else "ppo")
+    if impl.startswith("ppo"):
+        assert cfg.ppo.value == ("head" if "head" in impl else "critic")
+        assert cfg.ppo.values_from_rollout == (impl != "ppo_head_matched_values_pass")
+    if impl.startswith("grpo"):
+        assert cfg.trainer.skip_zero_advantage == (impl == "grpo")
+
+
+def test_impls_are_the_objectives_plus_trl_and_the_benchmark_variants():
+    from grpo_lab.objectives import OBJECTIVES
+
+    assert sb.DEFAULT_IMPLS == ("trl", *OBJECTIVES)
+    assert set(sb.IMPLS) == {"trl", *OBJECTIVES, "grpo_all_rows", "ppo_head_matched_values_pass"}
+    assert sb.impl_spec("ppo_head_matched") == ("ppo_head", sb.MATCHED_UPDATES)
+
+
+def test_mid_model_is_a_qwen2_of_10_to_30_million_parameters_with_a_32k_vocabulary():
+    from transformers import AutoModelForCausalLM
+
+    config = sb.build_w_config(sb.MID_SHAPE, sb.build_w_tokenizer(sb.MID_SHAPE.vocab_size))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    n = sum(p.numel() for p in model.parameters())  # the tied embedding counted once
+    assert config.model_type == "qwen2" and config.vocab_size == 32000
+    assert 10e6 <= n <= 30e6
 
 
 def test_compute_ratios_divides_medians_and_memory_by_trl():
@@ -165,6 +199,12 @@ def test_compute_ratios_divides_medians_and_memory_by_trl():
         "grpo": {"time": 0.5, "time_best": 0.25, "memory": 0.25},
     }
     assert sb.compute_ratios({"grpo": results["grpo"]}) == {}
+    # Against GRPO: TRL takes 2/1 = 2x its median time, 1/0.25 = 4x its fastest, 4x its memory.
+    assert sb.compute_ratios(results, base="grpo")["trl"] == {
+        "time": 2.0,
+        "time_best": 4.0,
+        "memory": 4.0,
+    }
 
 
 def test_round_orders_alternate_forward_and_reversed():
@@ -185,6 +225,7 @@ def _result(impl, steps, mem):
         mem_gib=mem,
         mem_metric="m",
         extra={"recipe": "r"},
+        step_cpu_s=[s / 4 for s in steps],
     )
 
 
@@ -197,10 +238,17 @@ def test_merge_rounds_pools_steps_and_keeps_per_round_medians_and_the_highest_me
     assert merged.extra == {
         "recipe": "r",
         "round_median_step_s": [2.0, 4.0],
+        "round_median_step_cpu_s": [0.5, 1.0],
         "round_mem_gib": [1.5, 1.0],
     }
+    assert merged.step_cpu_s == [0.25, 0.75, 0.5, 1.0]
     # Pooled median of [1, 2, 3, 4] is 2.5.
-    assert merged.to_dict()["step_s_summary"] == {"median": 2.5, "min": 1.0, "max": 4.0}
+    assert merged.to_dict()["step_s_summary"] == {
+        "median": 2.5,
+        "mean": 2.5,
+        "min": 1.0,
+        "max": 4.0,
+    }
 
 
 def test_ratios_by_round_divide_each_round_median_by_trls():
@@ -211,6 +259,10 @@ def test_ratios_by_round_divide_each_round_median_by_trls():
     assert ratios["grpo"]["time_by_round"] == [0.5, 0.75]
     assert ratios["grpo"]["time"] == 2.0 / 3.0
     assert ratios["grpo"]["memory"] == 0.5
+    # CPU seconds are a quarter of the wall seconds on both sides: the same ratios.
+    assert ratios["grpo"]["cpu_time_by_round"] == [0.5, 0.75]
+    assert ratios["grpo"]["cpu_time"] == 2.0 / 3.0
+    assert ratios["grpo"]["cpu_time_mean"] == 2.0 / 3.0  # means 0.5 / 0.75
 
 
 def test_json_safe_turns_non_finite_floats_into_null():
@@ -219,9 +271,10 @@ def test_json_safe_turns_non_finite_floats_into_null():
     json.dumps(out, allow_nan=False)
 
 
-def test_threads_default_to_the_grpo_recipe_then_torch():
+def test_threads_default_to_the_preset_then_the_grpo_recipe_then_torch():
     assert sb.resolve_threads(sb.PRESETS["tiny"], 2) == 2
     assert sb.resolve_threads(sb.PRESETS["tiny"], None) == 1  # tiny_arith_grpo.yaml
+    assert sb.resolve_threads(sb.PRESETS["mid"], None) == 1  # the preset's own
     assert sb.resolve_threads(sb.PRESETS["w0.5b"], None) == torch.get_num_threads()
 
 
@@ -278,6 +331,33 @@ def test_tiny_grpo_end_to_end_last_line_is_the_json_report(capsys, tmp_path):
     assert {"rollout", "reward", "update"} <= set(grpo["phases_median_s"])
     assert 1 <= grpo["completion_len_mean"] <= 6
     assert report["ratios"] == {}
+    assert report["isolation"] == "one process per implementation"
+    assert report["reward"] == {"kind": "task", "zero_std_fraction": 0.0, "seed": 0}
+    assert 0 <= grpo["zero_std_fraction"] <= 1
+    assert grpo["extra"]["static_gib"]["total"] > 0
+    assert report["ratios_vs_grpo"]["grpo"]["time"] == 1.0
+
+
+def test_controlled_reward_gives_every_group_signal_and_equal_rows(capsys):
+    """With the controlled reward (zero-std fraction 0) GRPO skips no row, so GRPO and PPO at
+    matched updates run the same rows; PPO-head reads its values in the rollout unless the
+    values-pass variant asks for the separate forward."""
+    impls = "grpo,ppo_head_matched,ppo_head_matched_values_pass"
+    argv = ["--preset", "tiny", "--steps", "2", "--warmup", "0", "--impls", impls]
+    assert sb.main([*argv, "--reward", "controlled", "--in-process"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["reward"]["kind"] == "controlled" and report["isolation"] == "one process"
+    results = report["results"]
+    for impl in impls.split(","):
+        assert results[impl]["zero_std_fraction"] == 0.0
+        assert results[impl]["extra"]["zero_advantage_rows_skipped"] == [0.0, 0.0]
+        assert results[impl]["extra"]["updates_per_step"] == 1
+    assert not results["ppo_head_matched"]["extra"]["values_pass"]
+    assert "values" not in results["ppo_head_matched"]["phases_s"]
+    assert results["ppo_head_matched_values_pass"]["extra"]["values_pass"]
+    statics = {k: r["extra"]["static_gib"] for k, r in results.items()}
+    assert statics["ppo_head_matched"]["total"] > statics["grpo"]["total"]  # the head's bytes
+    assert set(report["ratios_vs_grpo"]) == set(impls.split(","))
 
 
 @pytest.mark.slow
@@ -287,7 +367,13 @@ def test_tiny_grpo_and_trl_end_to_end_with_ratios(capsys):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["trl_loss_type"] == "dapo"
     assert set(report["ratios"]) == {"trl", "grpo"}
-    assert report["ratios"]["trl"] == {"time": 1.0, "time_best": 1.0, "memory": 1.0}
+    assert report["ratios"]["trl"] == {
+        "time": 1.0,
+        "time_best": 1.0,
+        "memory": 1.0,
+        "cpu_time": 1.0,
+        "cpu_time_mean": 1.0,
+    }
     assert 1 <= report["results"]["trl"]["completion_len_mean"] <= 6
 
 

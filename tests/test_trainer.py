@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -543,3 +544,52 @@ def test_chunked_lm_head_leaves_the_update_unchanged(objective, tiny_model_dir, 
     hook.remove()
     assert seen and max(seen) == 1  # only single-position chunks (or no positions at all)
     assert_same_update(chunked, whole)
+
+
+def test_rollout_time_values_leave_the_ppo_head_update_unchanged(tiny_model_dir, tmp_path):
+    """PPO with a value head at matched updates (one epoch, one minibatch) takes its old values
+    from the rollout engine, which reads the head off the sampling forwards: the same old
+    values, advantages, loss and gradients as the extra no-grad values pass, which it skips."""
+    cfg = small_config(
+        tiny_model_dir,
+        tmp_path,
+        *OBJECTIVES["ppo_head"],
+        "trainer.epochs=1",
+        "trainer.num_minibatches=1",
+        "trainer.micro_batch_size=2",
+        "rollout.backend=shared_prefix",
+    )
+    trainer = Trainer(cfg)
+    trainer.harness.start_step()
+    torch.manual_seed(11)
+    batch = trainer._rollout([p.question for p in trainer.sampler.next_batch()])
+    assert batch.values is not None
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0])
+    read = experience_and_gradients(trainer, batch, rewards, [trainer.policy])
+    assert "time/values_s" not in trainer.harness.end_step()
+    trainer.harness.start_step()
+    extra_pass = experience_and_gradients(
+        trainer, dataclasses.replace(batch, values=None), rewards, [trainer.policy]
+    )
+    assert_same_update(read, extra_pass)
+    # A whole step: no values phase at all.
+    record = trainer.step()
+    assert "time/values_s" not in record and "value/explained_variance" in record
+
+
+@pytest.mark.parametrize(
+    "overrides", [["rollout.backend=hf"], ["ppo.values_from_rollout=false"]], ids=["hf", "off"]
+)
+def test_ppo_head_falls_back_to_a_values_pass(overrides, tiny_model_dir, tmp_path):
+    """An engine that cannot read values (hf), or the readout switched off: the old values come
+    from a separate no-grad pass, timed as the values phase."""
+    cfg = small_config(
+        tiny_model_dir,
+        tmp_path,
+        *OBJECTIVES["ppo_head"],
+        "trainer.epochs=1",
+        "trainer.num_minibatches=1",
+        *overrides,
+    )
+    record = Trainer(cfg).step()
+    assert "time/values_s" in record and "value/explained_variance" in record

@@ -9,6 +9,8 @@ Public API::
     extract_final(text) -> Extraction           # answer, rule, candidates, hedged, parts
     is_equiv(pred, gold, *, timeout_s=2.0, max_chars=2000, pool=None) -> bool
     trl_math_reward / trl_reward_func           # TRL GRPOTrainer reward, gold column "answer"
+    ControlledReward(group_size, zero_std_fraction=0.0, seed=0)   # cost benchmarks: seeded group
+        rewards that ignore the text; score_batch's signature, .for_trl() for TRL
     make_trl_reward(answer_column="answer", *, timeout_s=2.0, name="math_reward")
     VerifierPool(num_workers=None, *, memory_limit_bytes=2 GiB, start_timeout_s=60.0)
         .verify_many(pairs, *, timeout_s=2.0) -> list[str]; .stats() -> PoolStats; .close()
@@ -25,11 +27,13 @@ Example::
 Timeouts and worker crashes are counted per pool: ``get_default_pool().stats()``.
 
 Module map: ``extract`` (final answer, thinking, hedging, multi-part answers), ``normalize``
-(plain numbers, compact LaTeX, word answers, inequalities; no evaluation), ``equivalence`` (decisions, fast path, pre-screen), ``sandbox`` (killable
-worker pool), ``score`` (statuses, batching), ``trl`` (TRL adapter). sympy and math-verify are only
-imported inside worker processes.
+(plain numbers, compact LaTeX, word answers, inequalities; no evaluation), ``equivalence``
+(decisions, fast path, pre-screen), ``sandbox`` (killable worker pool), ``score`` (statuses,
+batching), ``trl`` (TRL adapter), ``controlled`` (benchmark reward). sympy and math-verify are
+only imported inside worker processes.
 """
 
+from grpo_lab.rewards.controlled import ControlledReward, TrlControlledReward
 from grpo_lab.rewards.equivalence import is_equiv
 from grpo_lab.rewards.extract import Extraction, extract_answer, extract_final
 from grpo_lab.rewards.sandbox import PoolStats, VerifierPool, get_default_pool, set_default_pool
@@ -41,9 +45,11 @@ trl_reward_func = trl_math_reward
 
 __all__ = [
     "STATUSES",
+    "ControlledReward",
     "Extraction",
     "PoolStats",
     "ScoreResult",
+    "TrlControlledReward",
     "TrlMathReward",
     "VerifierPool",
     "extract_answer",
