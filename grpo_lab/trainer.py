@@ -818,6 +818,14 @@ class Trainer:
                 )
 
     # ------------------------------------------------------------------ loop
+    def _out_of_time(self) -> bool:
+        """trainer.max_time_s spent; every process stops when any has spent it (one all-reduce)."""
+        budget = self.cfg.trainer.max_time_s
+        if budget is None:
+            return False
+        spent = torch.tensor([float(self.harness.total_s >= budget)], device=self.acc.device)
+        return bool(self._global_sum(spent) > 0)
+
     def train(self) -> list[dict]:
         from tqdm.auto import tqdm
 
@@ -832,7 +840,7 @@ class Trainer:
         )
         if self.global_step == 0:
             self._maybe_evaluate(force=True)
-        while self.global_step < cfg.trainer.max_steps:
+        while self.global_step < cfg.trainer.max_steps and not self._out_of_time():
             record = self.step()
             if self.global_step == 1:
                 record.update(self.static_footprint())
