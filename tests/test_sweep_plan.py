@@ -121,3 +121,28 @@ def test_launch_builds_an_accelerate_command(tmp_path):
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
     assert Path(cmd[i + 1]).resolve() == (RECIPES / "accelerate" / "cpu.yaml").resolve()
     assert cmd[i + 2 : i + 4] == ["-m", "grpo_lab.train"]
+
+
+def test_objective_variants_take_their_recipe_and_overrides_from_objectives(tmp_path):
+    from grpo_lab.objectives import MATCHED_UPDATES
+
+    body = base_body(
+        tmp_path,
+        seeds=[0],
+        variants={
+            "grpo": {"objective": "grpo"},
+            "head": {"objective": "ppo_head_matched", "overrides": {"trainer.epochs": 3}},
+        },
+    )
+    spec = load_sweep(write_sweep(tmp_path, body))
+    head = spec.variants["head"]
+    assert head.recipe == (RECIPES / "tiny_arith_ppo_head.yaml").resolve()
+    assert spec.variants["grpo"].recipe == (RECIPES / "tiny_arith_grpo.yaml").resolve()
+    # The objective's overrides (1 epoch x 1 minibatch), the variant's own on top.
+    assert head.overrides == {**MATCHED_UPDATES, "trainer.epochs": 3}
+    runs = plan_runs(spec)
+    assert "trainer.num_minibatches=1" in runs[1].overrides
+    assert "trainer.epochs=3" in runs[1].overrides and "trainer.epochs=1" not in runs[1].overrides
+    bad = base_body(tmp_path, variants={"x": {"objective": "ppo_value"}})
+    with pytest.raises(SweepError, match=r"variants.x.objective: unknown objective 'ppo_value'"):
+        load_sweep(write_sweep(tmp_path, bad, "bad.yaml"))

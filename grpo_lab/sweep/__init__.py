@@ -27,7 +27,11 @@ directory, like a recipe's.
     launch           null, or an accelerate config file to launch every run with
     seeds            non-empty list of distinct ints; default [0]
     overrides        {dotted.key: value} applied to every run; default {}
-    variants         {name: {recipe: path, overrides: {...}}}, both optional; default {<base stem>: {}}
+    variants         {name: {objective: name, recipe: path, overrides: {...}}}, all optional;
+                     default {<base stem>: {}}. ``objective`` names one of
+                     grpo_lab.objectives (grpo, ppo_head, ppo_head_matched, ...): its recipe
+                     for the base's task (<task>_<objective>.yaml beside the base) and its
+                     overrides, under the variant's own overrides
     grid             {dotted.key: [value, ...]}, cartesian product; default {}
     baseline         the variant every ratio is taken against; default the first variant
     target_accuracy  number in [0, 1] or null: report steps and wall-clock to reach it

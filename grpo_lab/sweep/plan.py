@@ -37,7 +37,7 @@ SWEEP_KEYS = (
 )
 # Sweep keys a `key=value` argument may change; the structured ones belong in the file.
 CLI_SWEEP_KEYS = ("name", "output_dir", "base", "launch", "seeds", "baseline", "target_accuracy")
-VARIANT_KEYS = ("recipe", "overrides")
+VARIANT_KEYS = ("objective", "recipe", "overrides")
 # Recipe keys the sweep sets itself for every run.
 RUN_OWNED_KEYS = ("seed", "output_dir", "resume")
 
@@ -177,11 +177,14 @@ def _validate(path: Path, raw: dict[str, Any], extra: tuple[str, ...]) -> SweepS
         if not isinstance(body, dict):
             raise SweepError(f"{path}: {where}: expected a mapping with recipe / overrides")
         _check_keys(path, f"{where}.", body, VARIANT_KEYS)
-        recipe = body.get("recipe")
+        recipe, overrides = body.get("recipe"), {}
+        if body.get("objective") is not None:
+            recipe, overrides = _objective(
+                path, f"{where}.objective", body["objective"], base, recipe
+            )
         recipe = base if recipe is None else _resolve_file(path, f"{where}.recipe", recipe)
-        variants[vname] = Variant(
-            vname, recipe, _validate_overrides(path, f"{where}.overrides", body.get("overrides"))
-        )
+        overrides.update(_validate_overrides(path, f"{where}.overrides", body.get("overrides")))
+        variants[vname] = Variant(vname, recipe, overrides)
 
     raw_grid = raw.get("grid") or {}
     if not isinstance(raw_grid, dict):
@@ -227,6 +230,30 @@ def _validate(path: Path, raw: dict[str, Any], extra: tuple[str, ...]) -> SweepS
         target_accuracy=target,
         extra_overrides=extra,
     )
+
+
+def _objective(
+    path: Path, where: str, name: Any, base: Path, recipe: Any
+) -> tuple[str | None, dict[str, Any]]:
+    """(recipe, overrides) of a variant's ``objective`` (:mod:`grpo_lab.objectives`).
+
+    The recipe is the objective's recipe for the base recipe's task unless the variant names
+    its own; the objective's overrides come first, the variant's own on top.
+    """
+    from grpo_lab import objectives
+
+    if not isinstance(name, str) or name not in objectives.OBJECTIVES:
+        raise SweepError(
+            f"{path}: {where}: unknown objective {name!r}; expected one of "
+            + ", ".join(objectives.OBJECTIVES)
+        )
+    _, overrides = objectives.objective(name)
+    if recipe is None:
+        try:
+            recipe = str(objectives.recipe_for(name, base))
+        except ValueError as e:
+            raise SweepError(f"{path}: {where}: {e}; or give the variant a recipe") from e
+    return recipe, overrides
 
 
 def _check_keys(path: Path, prefix: str, mapping: dict, allowed: Sequence[str]) -> None:
