@@ -123,7 +123,7 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return f"{x:.{_decimals(x, digits)}f}"
 
 
-def _fmt_est(e: Estimate | None, unit: str = "") -> str:
+def format_estimate(e: Estimate | None, unit: str = "") -> str:
     if e is None:
         return "–"
     d = _decimals(e.mean)
@@ -178,9 +178,9 @@ def _report(s: SweepSummary, plot_note: str | None) -> str:
         row = [
             name,
             str(g.n_seeds),
-            _fmt_est(m["peak_mem_gib"]) + _fmt_ratio(r["peak_mem_gib"]),
-            _fmt_est(m["step_time_s"]) + _fmt_ratio(r["step_time_s"]),
-            _fmt_est(m["final_acc"]) + _fmt_ratio(r["final_acc"]),
+            format_estimate(m["peak_mem_gib"]) + _fmt_ratio(r["peak_mem_gib"]),
+            format_estimate(m["step_time_s"]) + _fmt_ratio(r["step_time_s"]),
+            format_estimate(m["final_acc"]) + _fmt_ratio(r["final_acc"]),
             _SOURCE.get(g.final_acc_source, "–"),
         ]
         if target is not None:
@@ -193,9 +193,9 @@ def _report(s: SweepSummary, plot_note: str | None) -> str:
                         if g.target_reached == g.n_seeds
                         else (f" [{g.target_reached}/{g.n_seeds} seeds]")
                     )
-                    row.append(_fmt_est(m[key]) + _fmt_ratio(r[key]) + partial)
+                    row.append(format_estimate(m[key]) + _fmt_ratio(r[key]) + partial)
         rows.append(row)
-    lines += _table(head, rows)
+    lines += markdown_table(head, rows)
     kinds = {g.peak_mem_kind for g in groups}
     mem_def = (
         "CUDA peak allocated memory over the run"
@@ -233,10 +233,10 @@ def _report(s: SweepSummary, plot_note: str | None) -> str:
             for p in phases:
                 e = g.phase_s.get(p)
                 share = f" ({e.mean / mean_total:.0%})" if e and mean_total > 0 else ""
-                cells.append(_fmt_est(e) + share)
-            cells += [_fmt_est(g.other_s), _fmt(mean_total), _fmt_est(total)]
+                cells.append(format_estimate(e) + share)
+            cells += [format_estimate(g.other_s), _fmt(mean_total), format_estimate(total)]
             rows.append(cells)
-        lines += _table(["objective", *phases, "other", "mean step", "median step"], rows)
+        lines += markdown_table(["objective", *phases, "other", "mean step", "median step"], rows)
         lines += [
             "",
             "Seconds per step, mean over steps (a phase that did not run counts 0 s) "
@@ -252,18 +252,18 @@ def _report(s: SweepSummary, plot_note: str | None) -> str:
     for g in groups:
         cells = [
             g.group,
-            _fmt_est(g.metrics["peak_mem_gib"]) + _fmt_ratio(g.ratios["peak_mem_gib"]),
+            format_estimate(g.metrics["peak_mem_gib"]) + _fmt_ratio(g.ratios["peak_mem_gib"]),
         ]
         if any(x.peak_reserved_gib for x in groups):
-            cells.append(_fmt_est(g.peak_reserved_gib))
-        cells += [_fmt_est(g.phase_peak_gib.get(p)) for p in peak_phases]
-        cells += [_fmt_est(g.static_gib.get(k)) for k in static]
+            cells.append(format_estimate(g.peak_reserved_gib))
+        cells += [format_estimate(g.phase_peak_gib.get(p)) for p in peak_phases]
+        cells += [format_estimate(g.static_gib.get(k)) for k in static]
         rows.append(cells)
     head = ["objective", "peak (GiB)"]
     if any(x.peak_reserved_gib for x in groups):
         head.append("peak reserved")
     head += [f"{p} peak" for p in peak_phases] + [f"static {k}" for k in static]
-    lines += _table(head, rows)
+    lines += markdown_table(head, rows)
     notes = [f"*Peak*: {mem_def}."]
     if peak_phases:
         notes.append("*<phase> peak*: the highest CUDA allocation while that phase ran.")
@@ -281,10 +281,10 @@ def _report(s: SweepSummary, plot_note: str | None) -> str:
     ]
     if rate_keys:
         rows = [
-            [g.group, *(_fmt_est(g.metrics[k]) + _fmt_ratio(g.ratios[k]) for k in rate_keys)]
+            [g.group, *(format_estimate(g.metrics[k]) + _fmt_ratio(g.ratios[k]) for k in rate_keys)]
             for g in groups
         ]
-        lines += _table(["objective", *rate_keys], rows)
+        lines += markdown_table(["objective", *rate_keys], rows)
         meaning = {
             "gen_tokens_per_s": "generated tokens per rollout second",
             "train_tokens_per_s": "trained tokens per update second",
@@ -328,7 +328,7 @@ def _report(s: SweepSummary, plot_note: str | None) -> str:
                 "–" if r.target is None else str(r.target.step),
             ]
         )
-    lines += _table(
+    lines += markdown_table(
         [
             "run",
             "status",
@@ -378,7 +378,7 @@ def _report(s: SweepSummary, plot_note: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
     def esc(cell: str) -> str:
         return cell.replace("|", "\\|")
 
