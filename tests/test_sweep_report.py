@@ -129,3 +129,25 @@ def test_aggregate_reports_target_not_reached_and_single_seed(tmp_path):
 def test_aggregate_without_runs_is_an_error(tmp_path):
     with pytest.raises(SweepError, match="no runs found"):
         aggregate_sweep(tmp_path)
+
+
+def test_report_separates_the_value_model_from_the_extra_epochs(tmp_path):
+    # Per seed (step time = median of the steps after the first): grpo 2 / 4 s,
+    # ppo_head_matched 3 / 5 s, ppo_head 6 / 15 s.
+    # value head at matched updates: (3/2 + 5/4) / 2 = 1.375; extra epochs: (6/3 + 15/5) / 2 = 2.5.
+    for variant, times in {
+        "grpo": (2.0, 4.0),
+        "ppo_head_matched": (3.0, 5.0),
+        "ppo_head": (6.0, 15.0),
+    }.items():
+        for seed, step_s in enumerate(times):
+            write_run(
+                tmp_path / variant / f"seed{seed}", step_s=step_s, onset=5, rss=1.0, gen_tps=1.0
+            )
+    aggregate_sweep(tmp_path, baseline="grpo")
+    report = (tmp_path / "report.md").read_text()
+    assert "## What the cost is made of" in report
+    head = next(line for line in report.splitlines() if line.startswith("| value head at"))
+    extra = next(line for line in report.splitlines() if line.startswith("| PPO's extra epochs"))
+    assert "| 1.38 ±" in head and "| 2.50 ±" in extra
+    assert "critic" not in report.split("## What the cost is made of")[1].split("##")[0].lower()

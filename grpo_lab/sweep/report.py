@@ -15,9 +15,10 @@ from pathlib import Path
 
 from grpo_lab.sweep.plan import LOG, MANIFEST, SweepError
 from grpo_lab.sweep.plots import write_plots
-from grpo_lab.sweep.stats import CONFIDENCE, TARGET_WINDOW, Estimate
+from grpo_lab.sweep.stats import CONFIDENCE, TARGET_WINDOW, Estimate, paired_ratio
 from grpo_lab.sweep.summary import (
     FINAL_TRAIN_FRACTION,
+    GroupSummary,
     SweepSummary,
     add_ratios,
     discover_runs,
@@ -144,6 +145,51 @@ _SOURCE = {
 }
 
 
+# (what the ratio isolates, numerator variant, denominator variant)
+DECOMPOSITION = (
+    ("value head at matched updates", "ppo_head_matched", "grpo"),
+    ("critic at matched updates", "ppo_critic_matched", "grpo"),
+    ("PPO's extra epochs, value head", "ppo_head", "ppo_head_matched"),
+    ("PPO's extra epochs, critic", "ppo_critic", "ppo_critic_matched"),
+)
+
+
+def _decomposition(groups: list[GroupSummary]) -> list[str]:
+    """Step-time and peak-memory ratios that separate the value model from PPO's extra epochs.
+
+    Written when the sweep has the objectives of :mod:`grpo_lab.objectives` by those names and
+    no grid; each ratio is the mean of per-seed ratios (both arms of a seed ran on one machine).
+    """
+    if any(g.grid for g in groups):
+        return []
+    by = {g.variant: g for g in groups}
+
+    def per_seed(g: GroupSummary, attr: str) -> dict[int, float | None]:
+        return {r.seed: getattr(r, attr) for r in g.runs}
+
+    rows = []
+    for what, num, den in DECOMPOSITION:
+        if num in by and den in by:
+            cells = [what, f"`{num}` / `{den}`"]
+            for attr in ("median_step_s", "peak_mem_gib"):
+                e = paired_ratio(per_seed(by[num], attr), per_seed(by[den], attr))
+                cells.append(format_estimate(e, "×"))
+            rows.append(cells)
+    if not rows:
+        return []
+    return [
+        "",
+        "## What the cost is made of",
+        "",
+        *markdown_table(["isolates", "ratio", "median step time", "peak memory"], rows),
+        "",
+        "Each ratio is the mean over seeds of the per-seed ratio. `*_matched` is PPO at GRPO's "
+        "one epoch x one minibatch per batch (`grpo_lab/objectives.py`), so over `grpo` it is "
+        "the value model's cost at equal updates, and the standard recipe over it is the cost of "
+        "PPO's extra epochs.",
+    ]
+
+
 def _report(s: SweepSummary, plot_note: str | None) -> str:
     groups = s.groups
     n_finished = sum(r.status == "finished" for r in s.runs)
@@ -220,6 +266,7 @@ def _report(s: SweepSummary, plot_note: str | None) -> str:
             "(shown as [k/n seeds]), which flatters the configuration."
         )
 
+    lines += _decomposition(groups)
     lines += ["", "## Time per step by phase", ""]
     phases = phase_sorted(p for g in groups for p in g.phase_s)
     if phases:
