@@ -832,7 +832,7 @@ class Trainer:
         cfg = self.cfg
         history = []
         bar = tqdm(
-            total=cfg.trainer.max_steps,
+            total=cfg.trainer.max_steps if cfg.trainer.max_time_s is None else None,
             initial=self.global_step,
             desc=f"{cfg.algorithm}",
             disable=not (cfg.trainer.progress_bar and self.acc.is_main_process),
