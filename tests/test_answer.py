@@ -185,3 +185,28 @@ def test_document_from_synthetic_sweeps_states_the_answer(tmp_path):
     rows = (out.parent / "answer" / "answer.csv").read_text().splitlines()
     ratio = next(r for r in rows if r.startswith("step time ratio ppo_head_matched/grpo (sweep)"))
     assert math.isclose(float(ratio.split(",")[1]), 1.45)
+
+
+def test_mean_curve_keeps_steps_that_half_the_seeds_reached():
+    # Seed 0 logs steps 1-3 (EV 0, 1, 2), seed 1 steps 1-2 (EV 2, 3), seed 2 step 1 (EV 4):
+    # step 1 mean (0+2+4)/3 = 2, step 2 (1+3)/2 = 2, step 3 has 1 of 3 seeds and is dropped.
+    facts = [
+        _facts("ppo", 0, ev=[0.0, 1.0, 2.0]),
+        _facts("ppo", 1, ev=[2.0, 3.0]),
+        _facts("ppo", 2, ev=[4.0]),
+    ]
+    assert an.mean_curve(facts, "ppo", an.EV_KEY) == [
+        {"step": 1, an.EV_KEY: 2.0},
+        {"step": 2, an.EV_KEY: 2.0},
+    ]
+
+
+def test_conditions_are_recorded_only_by_sessions_that_measured(tmp_path):
+    from grpo_lab.answer.measure import record_conditions
+
+    path = tmp_path / "conditions.json"
+    assert record_conditions(path, False, (1.0, 2.0), 0.1) == [] and not path.exists()
+    (first,) = record_conditions(path, True, (9.8, 7.3), 23.0)
+    assert (first["load_start"], first["load_end"], first["minutes"]) == (9.8, 7.3, 23.0)
+    # A later regeneration that reused everything keeps the measuring session's conditions.
+    assert record_conditions(path, False, (0.5, 0.5), 0.1) == [first]

@@ -57,7 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from grpo_lab.answer.document import Inputs, write_document
-    from grpo_lab.answer.measure import MeasureError, bench_runs, run_bench, run_study_sweep
+    from grpo_lab.answer.measure import (
+        MeasureError,
+        bench_runs,
+        record_conditions,
+        run_bench,
+        run_study_sweep,
+    )
     from grpo_lab.sweep import SweepError
 
     args = build_parser().parse_args(argv)
@@ -72,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             benches.append(run_bench(run, args.runs))
         common = [] if args.seeds is None else [f"seeds={list(range(args.seeds))}"]
-        benefit = run_study_sweep(
+        benefit, ran_benefit = run_study_sweep(
             SWEEPS / "answer_tiny.yaml",
             [
                 *common,
@@ -80,16 +86,27 @@ def main(argv: list[str] | None = None) -> int:
                 *([] if args.budget_s is None else [f"trainer.max_time_s={args.budget_s}"]),
             ],
         )
-        skipping = run_study_sweep(
+        skipping, ran_skipping = run_study_sweep(
             SWEEPS / "zero_advantage_tiny.yaml", [f"output_dir={args.runs / 'zero_advantage'}"]
         )
     except (MeasureError, SweepError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    measured = ran_benefit + ran_skipping > 0 or any(not b.get("reused") for b in benches)
+    sessions = record_conditions(
+        args.runs / "conditions.json",
+        measured,
+        (load_start, os.getloadavg()[0]),
+        (time.monotonic() - start) / 60,
+    )
+    dates = sorted({s["date"] for s in sessions}) or [time.strftime("%Y-%m-%d")]
     inputs = Inputs(
         machine=args.machine,
-        date=time.strftime("%Y-%m-%d"),
-        load=(load_start, os.getloadavg()[0]),
+        date=dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}",
+        load=(
+            max((s["load_start"] for s in sessions), default=load_start),
+            max((s["load_end"] for s in sessions), default=load_start),
+        ),
         cores=os.cpu_count() or 1,
         benefit=benefit,
         skipping=skipping,

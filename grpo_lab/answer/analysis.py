@@ -167,7 +167,8 @@ def explained_variance(facts: list[RunFacts], variant: str) -> ExplainedVariance
 def mean_curve(
     facts: list[RunFacts], variant: str, key: str, window: int = 1
 ) -> list[dict[str, float]]:
-    """Seeds' (moving-averaged) ``key`` averaged at each step every seed logged, as records."""
+    """Seeds' (moving-averaged) ``key`` averaged at each step that at least half the seeds
+    logged (runs on a time budget end at different steps), as records."""
     curves = []
     for f in facts:
         if f.variant == variant and f.per_step.get(key):
@@ -175,8 +176,12 @@ def mean_curve(
             curves.append(dict(zip(steps, moving_average(values, window))))
     if not curves:
         return []
-    shared = sorted(set.intersection(*(set(c) for c in curves)))
-    return [{"step": s, key: statistics.fmean(c[s] for c in curves)} for s in shared]
+    counts: dict[int, int] = {}
+    for c in curves:
+        for s in c:
+            counts[s] = counts.get(s, 0) + 1
+    kept = sorted(s for s, n in counts.items() if 2 * n >= len(curves))
+    return [{"step": s, key: statistics.fmean(c[s] for c in curves if s in c)} for s in kept]
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +86,7 @@ def run_bench(run: BenchRun, folder: Path) -> dict[str, Any]:
         data = json.loads(saved.read_text(encoding="utf-8"))
         if data.get("argv") == list(run.argv[1:]):
             print(f"[answer] {run.name}: reusing {saved}", flush=True)
-            return data
+            return {**data, "reused": True}
     log = folder / f"{run.name}.log"
     print(f"[answer] {run.name}: $ {' '.join(run.argv)}", flush=True)
     code = run_command(list(run.argv), log)
@@ -116,12 +117,32 @@ def last_json_line(text: str) -> dict[str, Any] | None:
     return None
 
 
-def run_study_sweep(path: Path, overrides: Sequence[str] = ()) -> SweepSummary:
-    """Run a sweep file's unfinished runs and return its summary; a failed run is an error."""
+def run_study_sweep(path: Path, overrides: Sequence[str] = ()) -> tuple[SweepSummary, int]:
+    """Run a sweep file's unfinished runs; (its summary, runs made now). A failed run is an error."""
     result = run_sweep(path, overrides=list(overrides))
     if result.failed:
         failed = ", ".join(f"{r.label} (log {r.dir / 'train.log'})" for r, _ in result.failed)
         raise MeasureError(f"{path}: runs failed: {failed}; rerun to retry them")
     if result.summary is None:
         raise MeasureError(f"{path}: no finished runs")
-    return result.summary
+    return result.summary, len(result.ran)
+
+
+def record_conditions(path: Path, measured: bool, load: tuple[float, float], minutes: float):
+    """The sessions that measured (date, load average at start and end), kept in ``path``.
+
+    A session that only reused earlier measurements adds nothing, so the document reports the
+    conditions the numbers were taken under, not those of the last regeneration.
+    """
+    sessions = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+    if measured:
+        sessions.append(
+            {
+                "date": time.strftime("%Y-%m-%d"),
+                "load_start": round(load[0], 2),
+                "load_end": round(load[1], 2),
+                "minutes": round(minutes, 1),
+            }
+        )
+        path.write_text(json.dumps(sessions, indent=1) + "\n", encoding="utf-8")
+    return sessions
