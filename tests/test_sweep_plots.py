@@ -22,3 +22,28 @@ def test_plot_metric_curves_draws_what_was_logged(tmp_path):
     # No record holds the metric: no file, no empty figure.
     assert plot_metric_curves(records, ["loss/total"], tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
+
+
+def test_mean_curve_drops_steps_fewer_than_half_the_seeds_reached():
+    from grpo_lab.sweep.plots import _mean_curve
+    from grpo_lab.sweep.summary import RunStats
+
+    def run(seed, values):
+        steps = list(range(1, len(values) + 1))
+        return RunStats(
+            "g",
+            "g",
+            {},
+            seed,
+            None,
+            "finished",
+            curve_steps=steps,
+            curve_values=values,
+            curve_wall_s=[float(s) for s in steps],
+        )
+
+    # Seeds reach steps 3, 2 and 1: step 2 has 2 of 3 seeds (kept), step 3 has 1 (dropped).
+    steps, walls, means, _ = _mean_curve(
+        [run(0, [0.0, 1.0, 5.0]), run(1, [2.0, 3.0]), run(2, [4.0])]
+    )
+    assert steps == [1, 2] and means == [2.0, 2.0] and walls == [1.0, 2.0]

@@ -106,13 +106,19 @@ def write_plots(
 
 
 def _mean_curve(runs: list[RunStats]) -> tuple[list[int], list[float], list[float], list[float]]:
-    """Seeds aligned by step: (steps, mean wall-clock, mean value, CI half-width) per step."""
+    """Seeds aligned by step: (steps, mean wall-clock, mean value, CI half-width) per step.
+
+    Only steps that at least half the seeds logged are kept: runs on a wall-clock budget end at
+    different steps, and a mean over the last one or two would be drawn as the group's.
+    """
     by_step: dict[int, list[tuple[float, float | None]]] = {}
     for r in runs:
         for s, v, w in zip(r.curve_steps, r.curve_values, r.curve_wall_s):
             by_step.setdefault(s, []).append((v, w))
     steps, walls, means, halves = [], [], [], []
     for s in sorted(by_step):
+        if 2 * len(by_step[s]) < len(runs):
+            continue
         values = [v for v, _ in by_step[s]]
         wall = [w for _, w in by_step[s] if w is not None]
         mean, half = mean_ci(values)
