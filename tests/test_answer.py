@@ -210,3 +210,14 @@ def test_conditions_are_recorded_only_by_sessions_that_measured(tmp_path):
     assert (first["load_start"], first["load_end"], first["minutes"]) == (9.8, 7.3, 23.0)
     # A later regeneration that reused everything keeps the measuring session's conditions.
     assert record_conditions(path, False, (0.5, 0.5), 0.1) == [first]
+
+
+def test_bench_arms_fall_back_on_the_benchmarks_own_ratios():
+    # No memory figure per impl, only ratios to TRL: 0.9 / 0.6 = 1.5x GRPO's memory.
+    bench = {
+        "results": {"grpo": {"step_s": [1.0]}, "ppo_head_matched": {"step_s": [1.1]}},
+        "ratios": {"grpo": {"time": 0.5, "memory": 0.6}, "ppo_head_matched": {"memory": 0.9}},
+    }
+    arms = {a.objective: a for a in an.bench_arms([bench])}
+    assert arms["ppo_head_matched"].memory_ratio == pytest.approx(1.5)
+    assert arms["ppo_head_matched"].time_ratio == pytest.approx(1.1)  # from the step times

@@ -246,9 +246,12 @@ def bench_arms(benches: list[dict[str, Any]]) -> list[BenchArm]:
     for data in benches:
         results = data.get("results", {})
         base = results.get("grpo", {})
-        base_t, base_m = _median_step(base), base.get("mem_gib")
+        base_t, base_m = _median_step(base), _memory(base)
+        # The benchmark's own ratios (``ratios.<impl>.time`` / ``.memory``, against its anchor)
+        # give the ratio to GRPO where a figure itself is missing.
+        anchor = data.get("ratios") or {}
         for impl, result in results.items():
-            t, m = _median_step(result), result.get("mem_gib")
+            t, m = _median_step(result), _memory(result)
             arms.append(
                 BenchArm(
                     objective=impl,
@@ -256,9 +259,22 @@ def bench_arms(benches: list[dict[str, Any]]) -> list[BenchArm]:
                     preset=str(data.get("preset", "")),
                     step_s=t,
                     mem_gib=m,
-                    time_ratio=t / base_t if t and base_t else None,
-                    memory_ratio=m / base_m if m and base_m else None,
+                    time_ratio=t / base_t if t and base_t else _anchored(anchor, impl, "time"),
+                    memory_ratio=m / base_m if m and base_m else _anchored(anchor, impl, "memory"),
                     phases_s=dict(result.get("phases_median_s") or {}),
                 )
             )
     return arms
+
+
+def _memory(result: dict[str, Any]) -> float | None:
+    value = result.get("mem_gib")
+    return float(value) if isinstance(value, int | float) and value > 0 else None
+
+
+def _anchored(ratios: dict[str, Any], impl: str, key: str) -> float | None:
+    """ratios[impl][key] / ratios["grpo"][key]: two ratios to one anchor, as a ratio to GRPO."""
+    mine, grpo = ratios.get(impl) or {}, ratios.get("grpo") or {}
+    a, b = mine.get(key), grpo.get(key)
+    ok = all(isinstance(v, int | float) and v > 0 for v in (a, b))
+    return a / b if ok else None

@@ -309,6 +309,15 @@ def write_document(inp: Inputs, out: Path) -> Path:
                 " At the tiny preset that is a few MiB of allocator noise in one shared process, "
                 "so its memory ratios do not compare; the static footprint below does."
             )
+        for b in inp.benches:
+            found = _zero_std_fields(b)
+            if found:
+                lines += [
+                    "",
+                    f"`{b.get('bench_run', '')}` records its groups with all-equal rewards: "
+                    + ", ".join(f"`{k}` = {v}" for k, v in found.items())
+                    + ".",
+                ]
         lines += ["", "Commands:", "", "```bash"]
         lines += [shlex.join(["python", *b.get("argv", [])]) for b in inp.benches]
         lines += ["```", ""]
@@ -555,3 +564,17 @@ def _budget(summary: SweepSummary) -> float:
             return float(item.partition("=")[2])
     value = spec.get("overrides", {}).get("trainer.max_time_s")
     return float(value) if value is not None else math.nan
+
+
+def _zero_std_fields(data: dict[str, Any], prefix: str = "", depth: int = 2) -> dict[str, Any]:
+    """Scalar fields whose name mentions zero-std groups, two levels deep (results excluded)."""
+    found: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "results":
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and depth > 1:
+            found.update(_zero_std_fields(value, f"{name}.", depth - 1))
+        elif "zero_std" in key and isinstance(value, int | float | str):
+            found[name] = value
+    return found
