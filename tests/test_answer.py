@@ -201,14 +201,14 @@ def test_mean_curve_keeps_steps_that_half_the_seeds_reached():
     ]
 
 
-def test_conditions_are_recorded_only_by_sessions_that_measured(tmp_path):
+def test_conditions_are_recorded_only_by_invocations_that_measured(tmp_path):
     from grpo_lab.answer.measure import record_conditions
 
     path = tmp_path / "conditions.json"
     assert record_conditions(path, False, (1.0, 2.0), 0.1) == [] and not path.exists()
     (first,) = record_conditions(path, True, (9.8, 7.3), 23.0)
     assert (first["load_start"], first["load_end"], first["minutes"]) == (9.8, 7.3, 23.0)
-    # A later regeneration that reused everything keeps the measuring session's conditions.
+    # A later regeneration that reused everything keeps the measuring invocation's conditions.
     assert record_conditions(path, False, (0.5, 0.5), 0.1) == [first]
 
 

@@ -93,19 +93,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     measured = ran_benefit + ran_skipping > 0 or any(not b.get("reused") for b in benches)
-    sessions = record_conditions(
+    invocations = record_conditions(
         args.runs / "conditions.json",
         measured,
         (load_start, os.getloadavg()[0]),
         (time.monotonic() - start) / 60,
     )
-    dates = sorted({s["date"] for s in sessions}) or [time.strftime("%Y-%m-%d")]
+    dates = sorted({s["date"] for s in invocations}) or [time.strftime("%Y-%m-%d")]
     inputs = Inputs(
         machine=args.machine,
         date=dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}",
         load=(
-            max((s["load_start"] for s in sessions), default=load_start),
-            max((s["load_end"] for s in sessions), default=load_start),
+            max((s["load_start"] for s in invocations), default=load_start),
+            max((s["load_end"] for s in invocations), default=load_start),
         ),
         cores=os.cpu_count() or 1,
         benefit=benefit,

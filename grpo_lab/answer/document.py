@@ -37,7 +37,7 @@ class Inputs:
     date: str
     load: tuple[
         float, float
-    ]  # highest load average (1 min) at the start / end of a measuring session
+    ]  # highest load average (1 min) at the start / end of a measuring invocation
     cores: int
     benefit: SweepSummary
     skipping: SweepSummary

@@ -129,14 +129,14 @@ def run_study_sweep(path: Path, overrides: Sequence[str] = ()) -> tuple[SweepSum
 
 
 def record_conditions(path: Path, measured: bool, load: tuple[float, float], minutes: float):
-    """The sessions that measured (date, load average at start and end), kept in ``path``.
+    """The invocations that measured (date, load average at start and end), kept in ``path``.
 
-    A session that only reused earlier measurements adds nothing, so the document reports the
+    An invocation that only reused earlier measurements adds nothing, so the document reports the
     conditions the numbers were taken under, not those of the last regeneration.
     """
-    sessions = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+    invocations = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
     if measured:
-        sessions.append(
+        invocations.append(
             {
                 "date": time.strftime("%Y-%m-%d"),
                 "load_start": round(load[0], 2),
@@ -144,5 +144,5 @@ def record_conditions(path: Path, measured: bool, load: tuple[float, float], min
                 "minutes": round(minutes, 1),
             }
         )
-        path.write_text(json.dumps(sessions, indent=1) + "\n", encoding="utf-8")
-    return sessions
+        path.write_text(json.dumps(invocations, indent=1) + "\n", encoding="utf-8")
+    return invocations
