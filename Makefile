@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow lint format demo sweep bench bench-reward clean
+.PHONY: install test test-slow lint format demo answer sweep bench bench-reward clean
 
 install: $(STAMP)
 
@@ -34,6 +34,11 @@ format: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/grpo-lab demo
+
+# docs/answer.md from measurements (~20-30 min on 2 CPU cores; resumable, finished runs are
+# skipped). ANSWER_ARGS passes options, e.g. ANSWER_ARGS='--machine "2-core CPU VM"'.
+answer: $(STAMP)
+	$(PY) -m grpo_lab.answer $(ANSWER_ARGS)
 
 sweep: $(STAMP)
 	$(VENV)/bin/grpo-lab sweep recipes/sweeps/grpo_vs_ppo_tiny.yaml

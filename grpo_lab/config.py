@@ -267,6 +267,10 @@ class TrainerConfig:
 
     max_steps: int = 100
     """Training steps; each samples one rollout batch and trains on it."""
+    max_time_s: float | None = None
+    """Wall-clock budget: stop after the first step that brings the run's cumulative step time
+    (``time/total_s``, evaluation excluded) to this many seconds, or at max_steps, whichever
+    comes first; null = no budget. The learning-rate schedule still spans max_steps."""
     lr: float = 1e-6
     """Peak learning rate (AdamW)."""
     weight_decay: float = 0.0
@@ -433,6 +437,7 @@ _BOUNDS: tuple[tuple[str, str, float], ...] = (
     ("ppo.value_clip", ">", 0),
     ("ppo.critic_lr", ">", 0),
     ("trainer.max_steps", ">=", 1),
+    ("trainer.max_time_s", ">", 0),
     ("trainer.lr", ">", 0),
     ("trainer.weight_decay", ">=", 0),
     ("trainer.warmup_steps", ">=", 0),

@@ -1,13 +1,22 @@
-"""``grpo-lab demo`` / ``make demo``: GRPO, PPO-head and PPO-critic on the embedded tiny model.
+"""``grpo-lab demo`` / ``make demo``: GRPO against PPO on the embedded tiny model, equal budgets.
 
-Builds (or reuses) the embedded tiny arithmetic model, trains a copy of it with each of the three
-objectives from ``recipes/tiny_arith_*.yaml`` for the same number of optimizer steps, and prints
-held-out accuracy before and after, with the mean step time. CPU only, a few minutes in all.
+Builds (or reuses) the embedded tiny arithmetic model and trains a copy of it with each objective
+of :mod:`grpo_lab.objectives` (GRPO; PPO with a value head and with a critic, at the recipes'
+2 epochs x 2 minibatches and at GRPO's one update per batch) from ``recipes/tiny_arith_*.yaml``.
+Every objective gets the same wall-clock budget of training-step time (``trainer.max_time_s``,
+45 s by default), so the table compares what each learns for the same compute: held-out greedy
+and sampled accuracy before and after, steps made, median step time and static memory
+(parameters + gradients + optimizer state of every model), each also as a ratio to GRPO's.
+CPU only, about 5 minutes in all.
+
+Memory is the static footprint, not the process peak: the objectives run one after another in
+this one process, whose peak resident memory only grows.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from pathlib import Path
 
@@ -17,14 +26,12 @@ from grpo_lab.config import load_config
 from grpo_lab.data import load_problems
 from grpo_lab.evaluation import evaluate
 from grpo_lab.models import load_causal_lm, load_tokenizer
+from grpo_lab.objectives import LABELS, OBJECTIVES, objective, recipe_for
 
 logger = logging.getLogger("grpo_lab")
 
-OBJECTIVES = {
-    "GRPO": "tiny_arith_grpo.yaml",
-    "PPO (value head)": "tiny_arith_ppo_head.yaml",
-    "PPO (critic)": "tiny_arith_ppo_critic.yaml",
-}
+BUDGET_S = 45.0
+BASE_RECIPE = "tiny_arith_grpo.yaml"
 
 
 def recipes_dir() -> Path:
@@ -48,21 +55,32 @@ def _accuracy(model_path: str, cfg, problems) -> dict[str, float]:
 
 
 def run_demo(
-    *, steps: int | None = None, seed: int = 0, output_dir: str = "runs/demo"
+    *,
+    budget_s: float | None = BUDGET_S,
+    steps: int | None = None,
+    seed: int = 0,
+    output_dir: str = "runs/demo",
+    objectives: tuple[str, ...] = tuple(OBJECTIVES),
 ) -> list[dict]:
+    """Train each objective for ``budget_s`` seconds of step time (or ``steps`` steps, or
+    whichever comes first when both are given); print and return one row per objective."""
+    from grpo_lab.tiny import resolve_model_path
     from grpo_lab.trainer import train
 
     rows = []
     start_cache: dict[str, dict[str, float]] = {}
-    for name, recipe in OBJECTIVES.items():
+    for name in objectives:
+        _, extra = objective(name)
         overrides = [
+            *(f"{k}={v}" for k, v in extra.items()),
             f"seed={seed}",
-            f"output_dir={Path(output_dir) / Path(recipe).stem}",
+            f"output_dir={Path(output_dir) / name}",
             "trainer.progress_bar=true",
+            f"trainer.max_steps={steps if steps is not None else 1_000_000}",
         ]
-        if steps is not None:
-            overrides.append(f"trainer.max_steps={steps}")
-        cfg = load_config(recipes_dir() / recipe, overrides)
+        if budget_s is not None:
+            overrides.append(f"trainer.max_time_s={budget_s}")
+        cfg = load_config(recipe_for(name, recipes_dir() / BASE_RECIPE), overrides)
         if cfg.trainer.cpu_threads is not None:
             torch.set_num_threads(cfg.trainer.cpu_threads)
         d = cfg.data
@@ -76,8 +94,6 @@ def run_demo(
             ops=tuple(d.ops),
         )
         if cfg.model.name_or_path not in start_cache:
-            from grpo_lab.tiny import resolve_model_path
-
             start_cache[cfg.model.name_or_path] = _accuracy(
                 resolve_model_path(cfg.model.name_or_path), cfg, problems
             )
@@ -86,33 +102,63 @@ def run_demo(
         history = train(cfg)
         wall = time.perf_counter() - t0
         after = _accuracy(str(Path(cfg.output_dir) / "final"), cfg, problems)
-        step_s = sorted(r["time/step_s"] for r in history)[len(history) // 2]
         rows.append(
             {
                 "objective": name,
+                "label": LABELS[name],
                 "steps": len(history),
+                "train_s": history[-1]["time/total_s"],
                 "before": before,
                 "after": after,
-                "median_step_s": step_s,
+                "median_step_s": statistics.median(r["time/step_s"] for r in history),
+                "static_gib": history[0]["mem/static/total_gib"],
                 "wall_s": wall,
             }
         )
-    print(format_table(rows))
+    base = next((r for r in rows if r["objective"] == "grpo"), None)
+    for r in rows:
+        r["time_ratio"] = r["median_step_s"] / base["median_step_s"] if base else None
+        r["memory_ratio"] = r["static_gib"] / base["static_gib"] if base else None
+    print(format_table(rows, budget_s))
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], budget_s: float | None = None) -> str:
     head = (
-        f"{'objective':<18} {'steps':>5}  {'greedy acc: start -> end':>25}  "
-        f"{'sampled acc: start -> end':>26}  {'step s':>7}  {'wall s':>7}"
+        f"{'objective':<34} {'steps':>5}  {'greedy acc: start -> end':>24}  "
+        f"{'sampled acc: start -> end':>25}  {'step s':>7} {'x GRPO':>6}  "
+        f"{'static MiB':>10} {'x GRPO':>6}"
     )
-    lines = ["", "Held-out accuracy on the embedded tiny arithmetic task", head, "-" * len(head)]
+    budget = f", {budget_s:g} s of training each" if budget_s is not None else ""
+    lines = [
+        "",
+        f"Held-out accuracy on the embedded tiny arithmetic task{budget}",
+        head,
+        "-" * len(head),
+    ]
+
+    def ratio(v: float | None) -> str:
+        return f"{v:>5.2f}x" if v is not None else f"{'-':>6}"
+
     for r in rows:
         b, a = r["before"], r["after"]
         lines.append(
-            f"{r['objective']:<18} {r['steps']:>5}  "
-            f"{b['eval/greedy_acc']:>11.1%} -> {a['eval/greedy_acc']:>8.1%}    "
-            f"{b['eval/pass@1']:>12.1%} -> {a['eval/pass@1']:>8.1%}  "
-            f"{r['median_step_s']:>7.3f}  {r['wall_s']:>7.1f}"
+            f"{r['label']:<34} {r['steps']:>5}  "
+            f"{b['eval/greedy_acc']:>10.1%} -> {a['eval/greedy_acc']:>8.1%}    "
+            f"{b['eval/pass@1']:>11.1%} -> {a['eval/pass@1']:>8.1%}  "
+            f"{r['median_step_s']:>7.3f} {ratio(r.get('time_ratio'))}  "
+            f"{r['static_gib'] * 1024:>10.2f} {ratio(r.get('memory_ratio'))}"
         )
+    matched = [r for r in rows if r["objective"].endswith("_matched")]
+    if matched and all(r.get("time_ratio") for r in matched):
+        lines += [
+            "",
+            "At matched updates (one epoch, one minibatch per batch, as GRPO): "
+            + "; ".join(
+                f"{r['label'].split(',')[0]} {r['time_ratio']:.2f}x GRPO's step time, "
+                f"{r['memory_ratio']:.2f}x its static memory"
+                for r in matched
+            )
+            + ".",
+        ]
     return "\n".join(lines)

@@ -12,6 +12,7 @@ difference between ``ppo_head`` and ``ppo_head_matched`` is PPO's extra epochs.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 MATCHED_UPDATES: dict[str, Any] = {"trainer.epochs": 1, "trainer.num_minibatches": 1}
@@ -40,3 +41,22 @@ def objective(name: str) -> tuple[str, dict[str, Any]]:
         raise KeyError(f"unknown objective {name!r}; expected one of {', '.join(OBJECTIVES)}")
     recipe, overrides = OBJECTIVES[name]
     return recipe, dict(overrides)
+
+
+def recipe_for(name: str, base: str | Path) -> Path:
+    """The recipe of objective ``name`` for the task of ``base``, in ``base``'s folder.
+
+    ``base`` is named ``<task>_<objective>.yaml`` (e.g. ``tiny_arith_grpo.yaml``); the answer is
+    ``<task>_<recipe objective of name>.yaml`` beside it (``tiny_arith_ppo_head.yaml`` for
+    ``ppo_head_matched``), whether or not that file exists.
+    """
+    recipe, _ = objective(name)
+    base = Path(base)
+    for known in sorted({r for r, _ in OBJECTIVES.values()}, key=len, reverse=True):
+        if base.stem.endswith(f"_{known}"):
+            task = base.stem[: -len(known) - 1]
+            return base.with_name(f"{task}_{recipe}{base.suffix}")
+    raise ValueError(
+        f"{base}: expected a recipe named <task>_<objective>{base.suffix} with objective one of "
+        + ", ".join(sorted({r for r, _ in OBJECTIVES.values()}))
+    )

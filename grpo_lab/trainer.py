@@ -851,13 +851,21 @@ class Trainer:
                 )
 
     # ------------------------------------------------------------------ loop
+    def _out_of_time(self) -> bool:
+        """trainer.max_time_s spent; every process stops when any has spent it (one all-reduce)."""
+        budget = self.cfg.trainer.max_time_s
+        if budget is None:
+            return False
+        spent = torch.tensor([float(self.harness.total_s >= budget)], device=self.acc.device)
+        return bool(self._global_sum(spent) > 0)
+
     def train(self) -> list[dict]:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
         history = []
         bar = tqdm(
-            total=cfg.trainer.max_steps,
+            total=cfg.trainer.max_steps if cfg.trainer.max_time_s is None else None,
             initial=self.global_step,
             desc=f"{cfg.algorithm}",
             disable=not (cfg.trainer.progress_bar and self.acc.is_main_process),
@@ -865,7 +873,7 @@ class Trainer:
         )
         if self.global_step == 0:
             self._maybe_evaluate(force=True)
-        while self.global_step < cfg.trainer.max_steps:
+        while self.global_step < cfg.trainer.max_steps and not self._out_of_time():
             record = self.step()
             if self.global_step == 1:
                 record.update(self.static_footprint())

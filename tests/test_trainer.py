@@ -593,3 +593,18 @@ def test_ppo_head_falls_back_to_a_values_pass(overrides, tiny_model_dir, tmp_pat
     )
     record = Trainer(cfg).step()
     assert "time/values_s" in record and "value/explained_variance" in record
+
+
+def test_max_time_s_stops_after_the_step_that_spends_the_budget(tiny_model_dir, tmp_path):
+    # A clock that advances 1 s per reading makes every step cost a few "seconds", the same on
+    # any machine. The run must stop after the first step whose cumulative step time reaches
+    # the 100 s budget: every earlier prefix is under it, and max_steps (50) is never reached.
+    cfg = small_config(tiny_model_dir, tmp_path, "trainer.max_steps=50", "trainer.max_time_s=100")
+    trainer = Trainer(cfg)
+    ticks = iter(range(10**6))
+    trainer.harness.clock = lambda: float(next(ticks))
+    history = trainer.train()
+    spent = [r["time/total_s"] for r in history]
+    assert spent[-1] >= 100 and all(s < 100 for s in spent[:-1]), spent
+    assert 1 < len(history) < 50
+    assert spent == sorted(spent) and spent[-1] == sum(r["time/step_s"] for r in history)
