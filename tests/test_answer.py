@@ -32,12 +32,15 @@ def test_bench_runs_prefers_mid_with_matched_impls_else_tiny_twice(tmp_path):
         tmp_path, ["tiny", "mid"], ("trl", "grpo", "ppo_head_matched", "ppo_critic_matched")
     )
     (run,) = bench_runs(mid)
-    assert run.argv[-4:] == (
+    # The implementations the benchmark offers, in MID_IMPLS order (no standard PPO offered here).
+    at = run.argv.index("--preset")
+    assert run.argv[at : at + 4] == (
         "--preset",
         "mid",
         "--impls",
-        "grpo,ppo_head_matched,ppo_critic_matched",
+        "grpo,ppo_head_matched,ppo_critic_matched,trl",
     )
+    assert run.argv[at + 4 :] == ("--rounds", "2", "--steps", "3", "--warmup", "1")
     old = _fake_bench(tmp_path, ["tiny", "w0.5b"], ("trl", "grpo", "ppo_head", "ppo_critic"))
     standard, matched = bench_runs(old, rounds=2)
     assert "--set" not in standard.argv and standard.rename == {}

@@ -28,7 +28,8 @@ from grpo_lab.sweep.plan import display_path
 REPO = Path(__file__).resolve().parents[2]
 STEP_BENCH = REPO / "benchmarks" / "step_bench.py"
 MATCHED = ("ppo_head_matched", "ppo_critic_matched")
-MID_IMPLS = ("grpo", *MATCHED)
+# The standard PPO settings and TRL ride along on mid: the same workload, one run, one anchor.
+MID_IMPLS = ("grpo", *MATCHED, "ppo_head", "ppo_critic", "trl")
 TINY_IMPLS = ("grpo", "ppo_head", "ppo_critic")
 
 
@@ -64,9 +65,14 @@ def bench_runs(
     presets, offered = _bench_offers(script)
     base = (sys.executable, display_path(script))
     if "mid" in presets and set(MATCHED) <= offered:
-        chosen = tuple(impls or MID_IMPLS)
+        chosen = tuple(impls or [i for i in MID_IMPLS if i in offered])
         return [
-            BenchRun("step_bench_mid", (*base, "--preset", "mid", "--impls", ",".join(chosen)), {})
+            BenchRun(
+                "step_bench_mid",
+                (*base, "--preset", "mid", "--impls", ",".join(chosen), "--rounds", "2")
+                + ("--steps", "3", "--warmup", "1"),
+                {},
+            )
         ]
     chosen = tuple(impls or TINY_IMPLS)
     tiny = (*base, "--preset", "tiny", "--rounds", str(rounds), "--impls", ",".join(chosen))
