@@ -34,8 +34,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from grpo_lab.config import load_config
     from grpo_lab.trainer import train
 
-    cfg = load_config(args.recipe, args.overrides)
-    train(cfg)
+    overrides = [*args.overrides, *(["overwrite=true"] if args.overwrite else [])]
+    train(load_config(args.recipe, overrides))
     return 0
 
 
@@ -55,12 +55,15 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _resolve_model(model_or_run: str):
     """A run folder (with config.yaml and final/) or a model name/path -> (model path, run config)."""
     from grpo_lab.config import load_config
+    from grpo_lab.errors import ModelSourceError
 
     p = Path(model_or_run)
     if (p / "config.yaml").is_file():
         final = p / "final"
         if not final.is_dir():
-            raise SystemExit(f"{p} is a run folder without a final/ model (has the run finished?)")
+            raise ModelSourceError(
+                f"{p} is a run folder without a final/ model (has the run finished?)"
+            )
         return str(final), load_config(p / "config.yaml")
     return model_or_run, None
 
@@ -163,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the Python traceback of every error (also GRPO_LAB_DEBUG=1)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -174,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("recipe", help="path to a recipe YAML (see recipes/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides key=value")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start fresh in an output_dir that holds another run, deleting that run first "
+        "(same as overwrite=true)",
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
@@ -271,20 +285,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from grpo_lab.checkpoint import CheckpointError
-    from grpo_lab.config import ConfigError
+    from grpo_lab.errors import exit_code_for
     from grpo_lab.sweep import SweepError
 
     _setup_logging()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"grpo-lab: config error: {e}", file=sys.stderr)
-        return 2
-    except (SweepError, CheckpointError) as e:
+    except SweepError as e:
         print(f"grpo-lab: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        # User errors (config, data, model, run folder, checkpoint, full disk): one line.
+        code = exit_code_for(e, debug=args.debug)
+        if code is None:
+            raise
+        return code
 
 
 if __name__ == "__main__":

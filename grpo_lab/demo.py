@@ -59,6 +59,7 @@ def run_demo(
             f"seed={seed}",
             f"output_dir={Path(output_dir) / Path(recipe).stem}",
             "trainer.progress_bar=true",
+            "overwrite=true",  # the demo's own folder: a rerun replaces the previous demo
         ]
         if steps is not None:
             overrides.append(f"trainer.max_steps={steps}")

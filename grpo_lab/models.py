@@ -64,12 +64,16 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """``builtin:*`` names map to the embedded tiny models' cached folder; others pass through."""
+    """``builtin:*`` names map to the embedded tiny models' cached folder; a local folder or a
+    hub name is checked by :func:`grpo_lab.hub.resolve_model_source` (a missing folder, a folder
+    without a model, or a hub name while offline and not cached is a one-line error)."""
     if name_or_path.startswith("builtin:"):
         from grpo_lab.tiny import resolve_model_path as resolve_builtin
 
         return resolve_builtin(name_or_path)
-    return name_or_path
+    from grpo_lab.hub import resolve_model_source
+
+    return resolve_model_source(name_or_path)
 
 
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):

@@ -1,0 +1,68 @@
+"""Run folders: one run per ``output_dir``, never two mixed.
+
+A run writes ``config.yaml``, ``metrics.jsonl``, ``checkpoints/`` and ``final/`` into its
+``output_dir``. A fresh run (``resume`` null) into a folder that already holds a run's metrics,
+checkpoints or final model is refused by :func:`claim_output_dir`, naming the two ways on:
+``resume=auto`` continues that run, ``overwrite=true`` (``grpo-lab train --overwrite``) deletes
+its files first. A folder holding only ``config.yaml`` (a run that stopped before its first step)
+counts as empty. Files that are not a run's are never deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from grpo_lab.errors import RunFolderError
+
+logger = logging.getLogger("grpo_lab")
+
+__all__ = ["RUN_FILES", "claim_output_dir", "run_files"]
+
+#: What a run writes into its folder (and ``overwrite=true`` deletes); the first three mark a run.
+RUN_FILES = ("metrics.jsonl", "checkpoints", "final", "final.tmp", "final.old", "config.yaml")
+_MARKS_A_RUN = RUN_FILES[:3]
+
+
+def run_files(output_dir: str | Path) -> list[str]:
+    """The names in ``output_dir`` that show a run has been there (metrics, checkpoints, final)."""
+    out = Path(output_dir)
+    found = []
+    for name in _MARKS_A_RUN:
+        path = out / name
+        if path.is_dir() and not any(path.iterdir()):
+            continue
+        if path.exists():
+            found.append(name + ("/" if path.is_dir() else ""))
+    return found
+
+
+def claim_output_dir(
+    output_dir: str | Path, *, resume: str | None, overwrite: bool, is_main_process: bool
+) -> None:
+    """Make ``output_dir`` fit for a run, or refuse with a one-line :class:`RunFolderError`.
+
+    Every process calls it (each sees the same folder, so all refuse together); only the main
+    process deletes. A resumed run takes the folder as it is.
+    """
+    if resume:
+        return
+    found = run_files(output_dir)
+    if not found:
+        return
+    if not overwrite:
+        raise RunFolderError(
+            f"output_dir {output_dir} already holds a run ({', '.join(found)}); continue it with "
+            "resume=auto, start over with overwrite=true (grpo-lab train --overwrite), which "
+            "deletes it, or choose another output_dir"
+        )
+    if is_main_process:
+        out = Path(output_dir)
+        for name in RUN_FILES:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        logger.warning("overwrite=true: deleted the previous run in %s (%s)", out, ", ".join(found))
