@@ -23,7 +23,7 @@ import os
 import shutil
 from pathlib import Path
 
-from grpo_lab.errors import UserError, is_disk_full, one_line
+from grpo_lab.errors import UserError, is_out_of_space, is_write_failure, one_line
 
 logger = logging.getLogger("grpo_lab")
 
@@ -136,10 +136,10 @@ def save_checkpoint(
             (tmp / MARKER).write_text(str(step))
     except Exception as e:  # full disk, permissions; safetensors and torch's zip writer
         # report a full disk as their own errors, not as OSError.
-        if not isinstance(e, OSError) and not is_disk_full(e):
+        if not is_write_failure(e):
             raise
         ok = False
-        error = "disk full: " if is_disk_full(e) else ""
+        error = "disk full: " if is_out_of_space(e, root) else ""
         error += f"{type(e).__name__}: {one_line(str(e))[:300]}"
     accelerator.wait_for_everyone()
     if not ok:

@@ -28,6 +28,8 @@ __all__ = [
     "disk_full_error",
     "exit_code_for",
     "is_disk_full",
+    "is_out_of_space",
+    "is_write_failure",
     "one_line",
 ]
 
@@ -100,6 +102,29 @@ def is_disk_full(exc: BaseException) -> bool:
     return False
 
 
+_WRITER_TEXT = ("inline_container.cc", "pytorchstreamwriter", "file write failed")
+# Below this much free space a failed write is taken to be a full disk.
+LOW_SPACE_BYTES = 64 * 2**20
+
+
+def is_write_failure(exc: BaseException, where: str | os.PathLike | None = None) -> bool:
+    """Whether ``exc`` is a failed write (rather than a bug): an OSError, an out-of-space error,
+    or a serialiser's own write error (safetensors, torch's zip writer)."""
+    if isinstance(exc, OSError) or is_disk_full(exc):
+        return True
+    text = f"{type(exc).__name__}: {exc}".lower()
+    return "safetensorerror" in text or any(t in text for t in _WRITER_TEXT)
+
+
+def is_out_of_space(exc: BaseException, where: str | os.PathLike) -> bool:
+    """:func:`is_disk_full`, or a write failure while ``where``'s disk has almost no space left
+    (torch's zip writer reports ENOSPC only as "enforce fail at inline_container.cc")."""
+    if is_disk_full(exc):
+        return True
+    free = _free_bytes(Path(where))
+    return is_write_failure(exc) and free is not None and free < LOW_SPACE_BYTES
+
+
 def _free_bytes(path: Path) -> int | None:
     for candidate in (path, *path.parents):
         try:
@@ -143,6 +168,16 @@ def exit_code_for(exc: BaseException, *, prog: str = "grpo-lab", debug: bool = F
             target = f" while writing {where}" if where else ""
             message = f"no space left on the device{target} ({one_line(str(exc))[:200]})"
         print(f"{_rank_prefix()}{prog}: disk full: {one_line(message)}", file=sys.stderr)
+        return 2
+    if isinstance(exc, PermissionError | IsADirectoryError) or (
+        isinstance(exc, OSError) and exc.errno == errno.EROFS
+    ):
+        where = f" {exc.filename}" if exc.filename else ""
+        print(
+            f"{_rank_prefix()}{prog}: cannot write{where}: {exc.strerror}; choose a writable "
+            "output_dir",
+            file=sys.stderr,
+        )
         return 2
     if isinstance(exc, UserError):
         print(f"{_rank_prefix()}{prog}: {exc.kind}: {one_line(str(exc))}", file=sys.stderr)

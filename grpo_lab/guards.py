@@ -4,6 +4,7 @@
   policy (and critic) before the first rollout and after every update, so a NaN never reaches
   sampling (where it surfaces as torch's "probability tensor contains either inf, nan") and never
   reaches a checkpoint.
+- :func:`sampling_guard`: NaN or infinite logits from finite weights, met by the sampler.
 - :func:`entropy_alarm`: the mean token entropy of the last ``divergence.patience`` steps all above
   ``divergence.entropy_max`` x ln(V) while the run's first step was below it (explosion: the
   policy has turned to noise, e.g. at a learning rate far too high) or all below ``divergence.entropy_min`` nats (collapse). The trainer warns or
@@ -12,13 +13,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["divergence_advice", "entropy_alarm", "non_finite_parameters"]
+__all__ = ["divergence_advice", "entropy_alarm", "non_finite_parameters", "sampling_guard"]
 
 
 def non_finite_parameters(module: nn.Module, limit: int = 3) -> list[str]:
@@ -34,6 +36,25 @@ def non_finite_parameters(module: nn.Module, limit: int = 3) -> list[str]:
     if bool(finite.all()):
         return []
     return [n for (n, _), ok in zip(named, finite.tolist()) if not ok][:limit]
+
+
+@contextlib.contextmanager
+def sampling_guard(when: str, advice: str) -> Iterator[None]:
+    """Turn torch's sampling failure on NaN / inf probabilities into a :class:`DivergenceError`.
+
+    Finite but huge weights (an update at ``lr=1e38``) pass :func:`non_finite_parameters` and
+    overflow only in the logits; the sampler is the first to see them.
+    """
+    from grpo_lab.errors import DivergenceError
+
+    try:
+        yield
+    except RuntimeError as e:
+        if "probability tensor contains" not in str(e):
+            raise
+        raise DivergenceError(
+            f"the policy's logits are NaN or infinite at {when} (sampling failed); {advice}"
+        ) from e
 
 
 def divergence_advice(lr: float, warmup_steps: int, max_grad_norm: float | None) -> str:

@@ -51,9 +51,14 @@ from grpo_lab.data import (
     model_context,
     render_prompt,
 )
-from grpo_lab.errors import DivergenceError, disk_full_error, is_disk_full
+from grpo_lab.errors import DivergenceError, disk_full_error, is_out_of_space
 from grpo_lab.evaluation import evaluate
-from grpo_lab.guards import divergence_advice, entropy_alarm, non_finite_parameters
+from grpo_lab.guards import (
+    divergence_advice,
+    entropy_alarm,
+    non_finite_parameters,
+    sampling_guard,
+)
 from grpo_lab.harness import (
     Harness,
     MetricsWriter,
@@ -433,7 +438,9 @@ class Trainer:
         h.start_step()
         problems = self._local_problems(self.sampler.next_batch())
 
-        with self._phase("rollout"):
+        t = cfg.trainer
+        advice = divergence_advice(t.lr, t.warmup_steps, t.max_grad_norm)
+        with self._phase("rollout"), sampling_guard(f"step {self.global_step + 1}", advice):
             batch = self._rollout([p.question for p in problems])
         with self._phase("reward"):
             golds = [p.answer for p in problems for _ in range(cfg.rollout.group_size)]
@@ -956,27 +963,39 @@ class Trainer:
         tmp = path.with_name(path.name + ".tmp")
         self.acc.wait_for_everyone()
         policy = self.acc.unwrap_model(self.policy)
-        try:
-            with gather_params_for_generation(policy):
-                if self.acc.is_main_process:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    policy.save_pretrained(tmp)
-                    self.tokenizer.save_pretrained(tmp)
-            if self.critic is not None:
-                critic = self.acc.unwrap_model(self.critic)
-                with gather_params_for_generation(critic):
-                    if self.acc.is_main_process:
-                        critic.save_pretrained(tmp / "critic")
-        except Exception as e:
-            if not is_disk_full(e):
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
+        failed: list[BaseException] = []
+
+        def write(*steps) -> None:
+            """Main process only; a full disk is remembered so every rank stops together."""
+            if not self.acc.is_main_process or failed:
+                return
+            try:
+                for step in steps:
+                    step()
+            except Exception as e:
+                if not is_out_of_space(e, path.parent):
+                    raise
+                failed.append(e)
+
+        with gather_params_for_generation(policy):
+            write(
+                lambda: shutil.rmtree(tmp, ignore_errors=True),
+                lambda: policy.save_pretrained(tmp),
+                lambda: self.tokenizer.save_pretrained(tmp),
+            )
+        if self.critic is not None:
+            critic = self.acc.unwrap_model(self.critic)
+            with gather_params_for_generation(critic):
+                write(lambda: critic.save_pretrained(tmp / "critic"))
+        if self._global_sum(torch.tensor(float(len(failed)), device=self.acc.device)) > 0:
+            if self.acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise disk_full_error(
                 path.parent,
                 f"the model to {path}",
                 "nothing was replaced; free space, then resume=auto continues from the newest "
                 "checkpoint",
-            ) from e
+            ) from (failed[0] if failed else None)
         if self.acc.is_main_process:
             replace_folder(tmp, path)
         self.acc.wait_for_everyone()
