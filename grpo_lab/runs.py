@@ -5,7 +5,8 @@ A run writes ``config.yaml``, ``metrics.jsonl``, ``checkpoints/`` and ``final/``
 checkpoints or final model is refused by :func:`claim_output_dir`, naming the two ways on:
 ``resume=auto`` continues that run, ``overwrite=true`` (``grpo-lab train --overwrite``) deletes
 its files first. A folder holding only ``config.yaml`` (a run that stopped before its first step)
-counts as empty. Files that are not a run's are never deleted.
+counts as empty. ``resume=auto`` into a finished run that kept no checkpoint is refused too (it
+would start over and replace that run). Files that are not a run's are never deleted.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from grpo_lab.checkpoint import list_checkpoints
 from grpo_lab.errors import RunFolderError
 
 logger = logging.getLogger("grpo_lab")
@@ -46,7 +48,19 @@ def claim_output_dir(
     Every process calls it (each sees the same folder, so all refuse together); only the main
     process deletes. A resumed run takes the folder as it is.
     """
-    if resume:
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"output_dir {out} is a file, not a folder; choose another output_dir")
+    finished_without_checkpoints = (
+        resume == "auto" and (out / "final").is_dir() and not list_checkpoints(out)
+    )
+    if finished_without_checkpoints and not overwrite:
+        raise RunFolderError(
+            f"resume=auto: output_dir {out} holds a finished run without checkpoints, so there "
+            "is nothing to continue; start over with overwrite=true (grpo-lab train "
+            "--overwrite), which deletes it, or choose another output_dir"
+        )
+    if resume and not finished_without_checkpoints:
         return
     found = run_files(output_dir)
     if not found:

@@ -251,6 +251,20 @@ def test_fresh_run_into_another_run_is_refused_then_overwritten(tiny_model_dir, 
     assert "seed: 1" in (out / "config.yaml").read_text()
 
 
+def test_resume_auto_into_a_finished_run_without_checkpoints_is_refused(
+    tiny_model_dir, tmp_path, capsys
+):
+    """It would start over and replace the finished run's metrics and final model."""
+    out = tmp_path / "run"
+    assert main(_small(tiny_model_dir, out)) == 0
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert main(_small(tiny_model_dir, out, "resume=auto", "trainer.max_steps=2")) == 2
+    line = _error_line(capsys)
+    assert "finished run without checkpoints" in line and "overwrite=true" in line
+    assert _snapshot(out) == before
+
+
 # ------------------------------------------------------------------ resume
 
 
