@@ -139,7 +139,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     adapter, _ = _resolve_model(args.adapter)
     adapter_cfg = Path(adapter) / "adapter_config.json"
     if not adapter_cfg.is_file():
-        raise SystemExit(f"{adapter}: no adapter_config.json (is this a LoRA run?)")
+        from grpo_lab.errors import ModelSourceError
+
+        raise ModelSourceError(f"{adapter}: no adapter_config.json (is this a LoRA run?)")
     import json
 
     base = args.base or json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
@@ -295,6 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     except SweepError as e:
         print(f"grpo-lab: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("grpo-lab: interrupted", file=sys.stderr)
+        return 130
     except Exception as e:
         # User errors (config, data, model, run folder, checkpoint, full disk): one line.
         code = exit_code_for(e, debug=args.debug)

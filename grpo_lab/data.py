@@ -322,11 +322,10 @@ def _gsm8k_rows(rows, source: str, split: str, bad: list | None = None) -> list[
         where = f"{source}: row {lineno}"
         problems.append(Problem(question, gold, f"gsm8k/{split}/{index}", where=where))
     if bad:
-        raise _bad_rows_error(
-            source,
-            sorted(bad),
-            "GSM8K rows need a 'question' and an 'answer' ending in '#### <number>'",
-        )
+        hint = "GSM8K rows need a 'question' and an 'answer' ending in '#### <number>'"
+        if rows and all("problem" in row for _, row in rows):
+            hint += "; these rows have 'problem' fields: is it a MATH file (data.name=math)?"
+        raise _bad_rows_error(source, sorted(bad), hint)
     return problems
 
 
@@ -423,11 +422,10 @@ def load_math_jsonl(path: str | os.PathLike) -> list[Problem]:
             )
         )
     if bad:
-        raise _bad_rows_error(
-            str(path),
-            sorted(bad),
-            "MATH rows need a 'problem' and an 'answer' (or a 'solution' with \\boxed{...})",
-        )
+        hint = "MATH rows need a 'problem' and an 'answer' (or a 'solution' with \\boxed{...})"
+        if rows and all("question" in row for _, row in rows):
+            hint += "; these rows have 'question' fields: is it a GSM8K file (data.name=gsm8k)?"
+        raise _bad_rows_error(str(path), sorted(bad), hint)
     return problems
 
 
@@ -474,7 +472,10 @@ def _load_gsm8k(*, split, path, limit, seed, **kwargs) -> list[Problem]:
 @register_dataset("math")
 def _load_math(*, split, path, limit, seed, **kwargs) -> list[Problem]:
     if path is None:
-        raise DataError("dataset 'math' needs path= a local JSONL file with 'problem'/'answer'")
+        raise DataError(
+            "dataset 'math' needs a local JSONL file with 'problem'/'answer' fields "
+            "(data.path / data.eval_path, or grpo-lab eval --path)"
+        )
     return _head(load_math_jsonl(path), limit)
 
 
@@ -629,8 +630,25 @@ def load_run_problems(data: Any, *, seed: int) -> tuple[list[Problem], list[Prob
     for the generated ``arith`` task, a missing file, a hub download while the hub cannot be
     reached (at once, not after retries). ``data.num_eval=0`` loads no evaluation problems.
     """
+    import difflib
+
+    from grpo_lab.config import ConfigError
     from grpo_lab.hub import hub_unreachable_reason
 
+    if data.template not in PROMPT_TEMPLATES:
+        near = difflib.get_close_matches(data.template, list(PROMPT_TEMPLATES), n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ConfigError(
+            f"data.template: unknown template {data.template!r}{hint}; valid: "
+            f"{sorted(PROMPT_TEMPLATES)}",
+            ["data.template"],
+        )
+    if data.system_prompt is not None and not data.use_chat_template:
+        raise ConfigError(
+            "data.system_prompt is set but data.use_chat_template is false; a system message "
+            "only exists in a chat template",
+            ["data.system_prompt", "data.use_chat_template"],
+        )
     if data.name == "arith":
         for key in ("path", "eval_path"):
             if getattr(data, key) is not None:
@@ -715,16 +733,19 @@ def fit_prompts(
         )
     if (limit is None and budget is None) or not problems:
         return list(problems)
-    prompts = [
-        render_prompt(
-            p.question,
-            template=data.template,
-            tokenizer=tokenizer,
-            use_chat_template=data.use_chat_template,
-            system_prompt=data.system_prompt,
-        )
-        for p in problems
-    ]
+    try:
+        prompts = [
+            render_prompt(
+                p.question,
+                template=data.template,
+                tokenizer=tokenizer,
+                use_chat_template=data.use_chat_template,
+                system_prompt=data.system_prompt,
+            )
+            for p in problems
+        ]
+    except ValueError as e:  # no chat template
+        raise ConfigError(f"data.use_chat_template: {e}", ["data.use_chat_template"]) from None
     # NOTE: the tokenizer is asked for lengths only; the rollout tokenizes the same way.
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
     cap = limit if limit is not None else budget

@@ -6,7 +6,8 @@ in at most ``PROBE_TIMEOUT_S`` (the offline switches, else one TCP connection to
 HTTPS proxy, remembered for the process), and :func:`resolve_model_source` turns every model name
 into something loadable or a one-line :class:`~grpo_lab.errors.ModelSourceError`:
 
-- an existing folder must hold a model (``config.json``, or a LoRA ``adapter_config.json``);
+- an existing folder must hold a model (``config.json``), a LoRA ``adapter_config.json`` or a
+  tokenizer;
 - a name that can only be a path (``/x``, ``./x``, ``~/x``, ``a/b/c``, or not a valid hub id)
   and does not exist is "no such local folder";
 - a hub name without a reachable hub loads from the local cache when it is there, else fails
@@ -26,6 +27,8 @@ from grpo_lab.errors import ModelSourceError
 __all__ = ["PROBE_TIMEOUT_S", "hub_unreachable_reason", "resolve_model_source"]
 
 PROBE_TIMEOUT_S = 3.0
+# Any of these makes a folder something to load from (a model, a LoRA adapter, a tokenizer).
+_MODEL_FILES = ("config.json", "adapter_config.json", "tokenizer_config.json", "tokenizer.json")
 _OFFLINE_SWITCHES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
@@ -70,7 +73,7 @@ def resolve_model_source(name_or_path: str) -> str:
     """A local folder, or a hub name that can be loaded now; else a one-line error."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+        if any((path / name).is_file() for name in _MODEL_FILES):
             return str(path)
         if (path / "config.yaml").is_file():
             final = path / "final"
