@@ -168,6 +168,20 @@ def test_gsm8k_without_eval_path_offline_says_what_to_set(tmp_path, capsys, monk
     assert "data.eval_path" in line and "HF_HUB_OFFLINE" in line and "data.num_eval=0" in line
 
 
+def test_a_gsm8k_file_read_as_math_says_so(tmp_path, capsys):
+    path = _jsonl(tmp_path / "g.jsonl", GOOD_GSM8K)
+    args = ["data.name=math", f"data.path={path}", "data.num_eval=0"]
+    assert main(_small("builtin:tiny-arith", tmp_path / "run", *args)) == 2
+    line = _error_line(capsys)
+    assert "4 bad rows" in line and "data.name=gsm8k" in line
+
+
+def test_unknown_template_is_a_config_error(tmp_path, capsys):
+    assert main(_small("builtin:tiny-arith", tmp_path / "run", "data.template=boxd")) == 2
+    line = _error_line(capsys)
+    assert line.startswith("grpo-lab: config error: data.template") and "'boxed'" in line
+
+
 # ------------------------------------------------------------------ prompt length
 
 
@@ -229,6 +243,15 @@ def test_eval_on_an_empty_folder_says_what_it_is_not(tmp_path, capsys):
     assert "not a model folder" in line and "run folder" in line and "sentencepiece" not in line
 
 
+def test_unreadable_model_folder_is_one_line(tiny_model_dir, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "config.json").write_text("{ not json")
+    assert main(_small(str(broken), tmp_path / "run")) == 2
+    line = _error_line(capsys)
+    assert f"cannot load {str(broken)!r}" in line and "model.name_or_path" in line
+
+
 # ------------------------------------------------------------------ run folders
 
 
@@ -263,6 +286,14 @@ def test_resume_auto_into_a_finished_run_without_checkpoints_is_refused(
     line = _error_line(capsys)
     assert "finished run without checkpoints" in line and "overwrite=true" in line
     assert _snapshot(out) == before
+
+
+def test_output_dir_that_is_a_file_is_named(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "taken").write_text("notes")
+    assert main(_small(tiny_model_dir, tmp_path / "taken")) == 2
+    line = _error_line(capsys)
+    assert "is a file" in line and "output_dir" in line
+    assert (tmp_path / "taken").read_text() == "notes"
 
 
 # ------------------------------------------------------------------ resume
