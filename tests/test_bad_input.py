@@ -516,3 +516,38 @@ def test_train_entry_point_exits_non_zero_with_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("grpo-lab: ")]
     assert lines == [f"grpo-lab: data error: data.path={tmp_path / 'missing.jsonl'}: no such file (expected a JSONL file)"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_processes_print_one_line_per_rank(tmp_path):
+    """Under accelerate with two CPU processes each rank prints its own line and exits 2; no
+    traceback passes through grpo_lab (the launcher reports the failed processes itself)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"question": "1+1="}, *GOOD_GSM8K])
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [
+        str(accelerate), "launch", "-q", "--config_file",
+        str(ROOT / "recipes" / "accelerate" / "zero2_cpu.yaml"), "--main_process_port", str(port),
+        "-m", "grpo_lab.train", RECIPE, f"output_dir={tmp_path / 'run'}", "data.name=gsm8k",
+        f"data.path={bad}", "data.num_eval=0", "rollout.prompts_per_step=4",
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    lines = sorted(line for line in output.splitlines() if "grpo-lab: data error:" in line)
+    assert len(lines) == 2, output[-3000:]
+    assert lines[0].startswith("[rank 0] grpo-lab: data error: ") and "row 1:" in lines[0]
+    assert lines[1].startswith("[rank 1] grpo-lab: data error: ")
+    frames = [line for line in output.splitlines() if line.strip().startswith('File "')]
+    assert not [f for f in frames if "grpo_lab" in f], output[-3000:]
+    assert "exitcode  : 2" in output
