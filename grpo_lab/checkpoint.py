@@ -222,11 +222,18 @@ def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
 
 def read_state(path: Path) -> dict:
     try:
-        return json.loads((path / STATE_FILE).read_text())
+        state = json.loads((path / STATE_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CorruptCheckpointError(
             f"checkpoint {path} is corrupt: cannot read {STATE_FILE} ({e})"
         ) from e
+    needed = ("step", "skipped_total", "skipped_in_a_row")
+    missing = [k for k in needed if k not in state] if isinstance(state, dict) else []
+    if not isinstance(state, dict) or missing:
+        raise CorruptCheckpointError(
+            f"checkpoint {path} is corrupt: {STATE_FILE} lacks {', '.join(missing) or 'a mapping'}"
+        )
+    return state
 
 
 def load_checkpoint(

@@ -94,6 +94,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     max_new = args.max_new_tokens or (run_cfg.rollout.max_new_tokens if run_cfg else 6)
     tokenizer = load_tokenizer(model_path)
     model = load_causal_lm(model_path, dtype=args.dtype)
+    problems = _fit_eval_prompts(problems, tokenizer, model, data, template, max_new)
     if args.device:
         model.to(args.device)
     result = evaluate(
@@ -110,6 +111,26 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"{key:>20s}  {value:.4f}")
     print(json.dumps({"model": model_path, "dataset": dataset, **result}))
     return 0
+
+
+def _fit_eval_prompts(problems, tokenizer, model, data, template: str, max_new: int):
+    """Refuse prompts longer than the model's context minus max_new (or, with the run's
+    data.max_prompt_tokens, drop them) before any is generated from."""
+    import dataclasses
+
+    from grpo_lab.config import DataConfig
+    from grpo_lab.data import fit_prompts, model_context
+
+    settings = dataclasses.replace(data or DataConfig(), template=template)
+    context = model_context(model.config, tokenizer)
+    return fit_prompts(
+        problems,
+        tokenizer=tokenizer,
+        data=settings,
+        context=context,
+        max_new_tokens=max_new,
+        what="evaluation",
+    )
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -346,7 +346,8 @@ def load_gsm8k(path: str | None = None, *, split: str = "train") -> list[Problem
     if offline:
         raise DataError(
             f"GSM8K's {split!r} split comes from the hub (openai/gsm8k), which {offline}; "
-            "use a local JSONL file with 'question' and 'answer' fields instead"
+            "use a local JSONL file with 'question' and 'answer' fields instead (data.path / "
+            "data.eval_path, or grpo-lab eval --path)"
         )
     try:
         import datasets
@@ -498,7 +499,7 @@ def load_problems(
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; valid names: {sorted(DATASETS)}")
     if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+        raise DataError(f"limit must be >= 0, got {limit}")
     return DATASETS[name](split=split, path=path, limit=limit, seed=seed, **arith_kwargs)
 
 
@@ -768,5 +769,6 @@ def fit_prompts(
     raise DataError(
         f"{len(long)} {what} prompt(s) do not fit the model's context of {context} tokens minus "
         f"rollout.max_new_tokens={max_new_tokens} ({budget} tokens): {shown}{more}; shorten "
-        f"them, or set data.max_prompt_tokens={budget} (or less) to drop them"
+        f"them, lower rollout.max_new_tokens, or set data.max_prompt_tokens={budget} (or less) "
+        "to drop them"
     )
