@@ -20,7 +20,7 @@ from grpo_lab.errors import RunFolderError
 
 logger = logging.getLogger("grpo_lab")
 
-__all__ = ["RUN_FILES", "claim_output_dir", "run_files"]
+__all__ = ["RUN_FILES", "claim_output_dir", "clear_run", "run_files"]
 
 #: What a run writes into its folder (and ``overwrite=true`` deletes); the first three mark a run.
 RUN_FILES = ("metrics.jsonl", "checkpoints", "final", "final.tmp", "final.old", "config.yaml")
@@ -40,13 +40,13 @@ def run_files(output_dir: str | Path) -> list[str]:
     return found
 
 
-def claim_output_dir(
-    output_dir: str | Path, *, resume: str | None, overwrite: bool, is_main_process: bool
-) -> None:
-    """Make ``output_dir`` fit for a run, or refuse with a one-line :class:`RunFolderError`.
+def claim_output_dir(output_dir: str | Path, *, resume: str | None, overwrite: bool) -> list[str]:
+    """Check that a run may use ``output_dir``: the previous run's files that ``overwrite=true``
+    will delete (see :func:`clear_run`), or a one-line :class:`RunFolderError` refusing.
 
-    Every process calls it (each sees the same folder, so all refuse together); only the main
-    process deletes. A resumed run takes the folder as it is.
+    Reads only, so every process can call it and all refuse together. Called before anything is
+    loaded (a refusal comes at once); the deletion waits until the run has loaded its data and
+    models, so a run that fails to start deletes nothing.
     """
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
@@ -61,22 +61,26 @@ def claim_output_dir(
             "--overwrite), which deletes it, or choose another output_dir"
         )
     if resume and not finished_without_checkpoints:
-        return
-    found = run_files(output_dir)
-    if not found:
-        return
-    if not overwrite:
+        return []
+    found = run_files(out)
+    if found and not overwrite:
         raise RunFolderError(
-            f"output_dir {output_dir} already holds a run ({', '.join(found)}); continue it with "
+            f"output_dir {out} already holds a run ({', '.join(found)}); continue it with "
             "resume=auto, start over with overwrite=true (grpo-lab train --overwrite), which "
             "deletes it, or choose another output_dir"
         )
-    if is_main_process:
-        out = Path(output_dir)
-        for name in RUN_FILES:
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-        logger.warning("overwrite=true: deleted the previous run in %s (%s)", out, ", ".join(found))
+    return found
+
+
+def clear_run(output_dir: str | Path, found: list[str]) -> None:
+    """Delete a previous run's files (:data:`RUN_FILES`) from ``output_dir``; main process only."""
+    if not found:
+        return
+    out = Path(output_dir)
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    logger.warning("overwrite=true: deleted the previous run in %s (%s)", out, ", ".join(found))

@@ -86,7 +86,7 @@ from grpo_lab.rollout import (
     gather_params_for_generation,
     generate,
 )
-from grpo_lab.runs import claim_output_dir
+from grpo_lab.runs import claim_output_dir, clear_run
 
 logger = logging.getLogger("grpo_lab")
 
@@ -120,13 +120,7 @@ class Trainer:
         set_seed(cfg.seed, device_specific=True)
         self.out_dir = Path(cfg.output_dir)
         # A fresh run never writes into another run's folder (overwrite=true deletes it first).
-        claim_output_dir(
-            self.out_dir,
-            resume=cfg.resume,
-            overwrite=cfg.overwrite,
-            is_main_process=self.acc.is_main_process,
-        )
-        self.acc.wait_for_everyone()
+        previous_run = claim_output_dir(self.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)
 
         if cfg.rollout.backend == "compiled" and self.zero_stage == 3:
             raise ConfigError(
@@ -152,6 +146,9 @@ class Trainer:
         self._skipped_rows = 0
         # The sampler position and harness counters travel with every checkpoint.
         self.acc.register_for_checkpointing(self.sampler, self.harness)
+        if self.acc.is_main_process:
+            clear_run(self.out_dir, previous_run)
+        self.acc.wait_for_everyone()
         self._resume()
         if self.acc.is_main_process:
             # Written once the run is accepted, so a refused resume leaves the old config.

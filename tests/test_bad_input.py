@@ -267,6 +267,13 @@ def test_fresh_run_into_another_run_is_refused_then_overwritten(tiny_model_dir, 
     assert str(out) in line and "resume=auto" in line and "overwrite=true" in line
     assert _snapshot(out) == before  # nothing of the old run touched
 
+    # An overwrite that cannot start (bad data) deletes nothing.
+    missing = f"data.path={tmp_path / 'missing.jsonl'}"
+    args = _small(tiny_model_dir, out, "seed=1", "data.name=gsm8k", missing)
+    assert main([*args, "--overwrite"]) == 2
+    assert "data.path" in _error_line(capsys)
+    assert _snapshot(out) == before
+
     assert main([*_small(tiny_model_dir, out, "seed=1"), "--overwrite"]) == 0
     assert not (out / "checkpoints").exists()  # the old run's checkpoints are gone
     rows = MetricsWriter.read(out / "metrics.jsonl")
