@@ -909,7 +909,14 @@ def to_dict(config: Config) -> dict[str, Any]:
 def save_config(config: Config, path: str | Path) -> None:
     """Write ``config`` as YAML; ``load_config(path)`` gives back an equal Config."""
     text = yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True)
-    Path(path).write_text(text)
+    # Written aside and renamed, so a full disk never leaves a run with half a config.
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------

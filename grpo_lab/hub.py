@@ -91,7 +91,7 @@ def resolve_model_source(name_or_path: str) -> str:
     if not _is_hub_id(name_or_path):
         raise ModelSourceError(
             f"model {name_or_path!r}: no such local folder (and not a hub name); check the "
-            "path given to model.name_or_path"
+            "path given to model.name_or_path (or ppo.critic_model)"
         )
     offline = hub_unreachable_reason()
     if offline is None:
