@@ -239,15 +239,6 @@ def _read_jsonl(path: str | os.PathLike) -> tuple[list[tuple[int, dict[str, Any]
     return rows, bad
 
 
-def _field(row: dict[str, Any], name: str, where: str) -> str:
-    value = row.get(name)
-    if value is None:
-        raise ValueError(f"{where}: missing field {name!r}")
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise ValueError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
-    return str(value)
-
-
 def _row_fields(row: dict[str, Any], names: Sequence[str]) -> list[str] | str:
     """The string value of each field in ``names``, or why the row cannot give them."""
     missing = [n for n in names if row.get(n) is None]
