@@ -32,10 +32,20 @@ def _setup_logging() -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from grpo_lab.config import load_config
+    from grpo_lab.errors import DiskFullError, disk_full_error, is_disk_full
     from grpo_lab.trainer import train
 
     overrides = [*args.overrides, *(["overwrite=true"] if args.overwrite else [])]
-    train(load_config(args.recipe, overrides))
+    cfg = load_config(args.recipe, overrides)
+    try:
+        train(cfg)
+    except Exception as e:
+        if isinstance(e, DiskFullError) or not is_disk_full(e):
+            raise
+        # e.g. metrics.jsonl: a plain write reports ENOSPC without a file name
+        raise disk_full_error(
+            cfg.output_dir, "the run's files", "free space, then resume=auto continues the run"
+        ) from e
     return 0
 
 

@@ -107,7 +107,7 @@ _WRITER_TEXT = ("inline_container.cc", "pytorchstreamwriter", "file write failed
 LOW_SPACE_BYTES = 64 * 2**20
 
 
-def is_write_failure(exc: BaseException, where: str | os.PathLike | None = None) -> bool:
+def is_write_failure(exc: BaseException) -> bool:
     """Whether ``exc`` is a failed write (rather than a bug): an OSError, an out-of-space error,
     or a serialiser's own write error (safetensors, torch's zip writer)."""
     if isinstance(exc, OSError) or is_disk_full(exc):
@@ -174,8 +174,8 @@ def exit_code_for(exc: BaseException, *, prog: str = "grpo-lab", debug: bool = F
     ):
         where = f" {exc.filename}" if exc.filename else ""
         print(
-            f"{_rank_prefix()}{prog}: cannot write{where}: {exc.strerror}; choose a writable "
-            "output_dir",
+            f"{_rank_prefix()}{prog}: permission denied{where} ({exc.strerror}); check the "
+            "permissions of output_dir and of the files named in the config",
             file=sys.stderr,
         )
         return 2

@@ -485,6 +485,22 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one(
     assert (out / "checkpoints" / "step_0000001" / "COMPLETE").is_file()
 
 
+def test_full_disk_while_writing_metrics_names_the_run_folder(
+    tiny_model_dir, tmp_path, capsys, monkeypatch
+):
+    """Simulated: a plain file write reports ENOSPC without naming the file."""
+    import errno
+
+    def full_disk(self, record):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(MetricsWriter, "write", full_disk)
+    out = tmp_path / "run"
+    assert main(_small(tiny_model_dir, out)) == 2
+    line = _error_line(capsys)
+    assert line.startswith("grpo-lab: disk full: ") and str(out) in line and "resume=auto" in line
+
+
 # ------------------------------------------------------------------ the error path
 
 
