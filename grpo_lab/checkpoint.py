@@ -23,6 +23,8 @@ import os
 import shutil
 from pathlib import Path
 
+from grpo_lab.errors import UserError, is_out_of_space, is_write_failure, one_line
+
 logger = logging.getLogger("grpo_lab")
 
 MARKER = "COMPLETE"
@@ -30,8 +32,10 @@ STATE_FILE = "trainer_state.json"
 PREFIX = "step_"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint could not be written or does not fit this run."""
+
+    kind = "checkpoint error"
 
 
 def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
@@ -51,6 +55,8 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     for p in root.iterdir():
         if not p.is_dir() or not p.name.startswith(PREFIX):
             continue
+        if not p.name.endswith(".tmp") and not p.name[len(PREFIX) :].isdigit():
+            continue  # e.g. the ``.old`` copy of a folder being replaced
         if p.name.endswith(".tmp") or not (p / MARKER).is_file():
             logger.warning("ignoring partial checkpoint %s (no %s marker)", p, MARKER)
             continue
@@ -94,8 +100,11 @@ def check_fingerprint(saved: dict, current: dict, path: Path) -> None:
         if saved.get(k) != current.get(k)
     ]
     if diffs:
+        hint = ""
+        if any(d.startswith("param_shapes") for d in diffs):
+            hint = " (param_shapes: another model.name_or_path or model.lora setting)"
         raise CheckpointError(
-            f"cannot resume from {path}: it was written by a different setup\n  "
+            f"cannot resume from {path}: it was written by a different setup{hint}\n  "
             + "\n  ".join(diffs)
         )
 
@@ -125,14 +134,21 @@ def save_checkpoint(
                 f.flush()
                 os.fsync(f.fileno())
             (tmp / MARKER).write_text(str(step))
-    except OSError as e:  # full disk, permissions, ...
-        ok, error = False, f"{type(e).__name__}: {e}"
+    except Exception as e:  # full disk, permissions; safetensors and torch's zip writer
+        # report a full disk as their own errors, not as OSError.
+        if not is_write_failure(e):
+            raise
+        ok = False
+        error = "disk full: " if is_out_of_space(e, root) else ""
+        error += f"{type(e).__name__}: {one_line(str(e))[:300]}"
     accelerator.wait_for_everyone()
     if not ok:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(root).free / 2**20 if root.is_dir() else float("nan")
         raise CheckpointError(
-            f"saving checkpoint {final} failed ({error}); the previous checkpoint is kept"
+            f"saving checkpoint {final} failed ({error}; {free:.0f} MiB free in {root}); "
+            "the previous checkpoint is kept"
         )
     if accelerator.is_main_process:
         replace_folder(tmp, final)
@@ -157,19 +173,148 @@ def replace_folder(tmp: Path, final: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def load_checkpoint(accelerator, path: Path, current_fingerprint: dict) -> dict:
-    """Restore models, optimizers, schedulers, RNG and registered objects; return trainer state."""
+class CorruptCheckpointError(CheckpointError):
+    """A complete-looking checkpoint whose files cannot be read back."""
+
+
+#: Keys a resumed run may change: the schedule, cadences, logging, measurement, guards, and
+#: settings that change how (not what) is computed. Every other key that differs from the
+#: checkpoint's run refuses the resume. An entry ending in "." covers a whole section.
+SAFE_ON_RESUME = (
+    "output_dir", "resume", "overwrite",
+    "model.name_or_path", "model.attn_implementation", "model.gradient_checkpointing",
+    "model.trust_remote_code",
+    "trainer.max_steps", "trainer.lr", "trainer.weight_decay", "trainer.adam_betas",
+    "trainer.warmup_steps", "trainer.lr_scheduler", "trainer.max_grad_norm",
+    "trainer.max_skipped_steps", "trainer.log_every", "trainer.eval_every", "trainer.progress_bar",
+    "trainer.skip_zero_advantage", "trainer.max_logit_elements", "trainer.share_prompts",
+    "trainer.cpu_threads", "trainer.micro_batch_size",
+    "ppo.critic_lr", "rollout.batch_size", "data.num_eval", "data.eval_path",
+    "reward.", "checkpoint.", "harness.", "divergence.",
+)  # fmt: skip
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _is_safe(key: str) -> bool:
+    return any(key == s or (s.endswith(".") and key.startswith(s)) for s in SAFE_ON_RESUME)
+
+
+def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """(safe, unsafe) differences between the checkpoint's run config and this run's, each as
+    ``"key: old -> new"``."""
+    old, new = _flatten(saved), _flatten(current)
+    safe, unsafe = [], []
+    for key in [*new, *(k for k in old if k not in new)]:
+        if old.get(key) != new.get(key):
+            line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+            (safe if _is_safe(key) else unsafe).append(line)
+    return safe, unsafe
+
+
+def read_state(path: Path) -> dict:
     try:
         state = json.loads((path / STATE_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(
+        raise CorruptCheckpointError(
             f"checkpoint {path} is corrupt: cannot read {STATE_FILE} ({e})"
         ) from e
+    needed = ("step", "skipped_total", "skipped_in_a_row")
+    missing = [k for k in needed if k not in state] if isinstance(state, dict) else []
+    if not isinstance(state, dict) or missing:
+        raise CorruptCheckpointError(
+            f"checkpoint {path} is corrupt: {STATE_FILE} lacks {', '.join(missing) or 'a mapping'}"
+        )
+    return state
+
+
+def load_checkpoint(
+    accelerator, path: Path, current_fingerprint: dict, current_config: dict | None = None
+) -> dict:
+    """Restore models, optimizers, schedulers, RNG and registered objects; return trainer state.
+
+    With ``current_config`` (``config.to_dict``) and a checkpoint that stored its run's config,
+    a key that may not change on resume (see :data:`SAFE_ON_RESUME`) refuses the resume, naming
+    every such key.
+    """
+    state = read_state(path)
+    saved_config = state.get("config")
+    if current_config is not None and saved_config is not None:
+        _, unsafe = config_changes(saved_config, current_config)
+        if unsafe:
+            raise CheckpointError(
+                f"cannot resume from {path}: these settings differ from the run that wrote it "
+                f"and cannot change mid-run: {'; '.join(unsafe)}; set them back, or start a new "
+                "run in another output_dir (or overwrite=true)"
+            )
     check_fingerprint(state.get("fingerprint", {}), current_fingerprint, path)
     try:
         accelerator.load_state(str(path))
     except Exception as e:
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt or incomplete: {type(e).__name__}: {e}"
+        raise CorruptCheckpointError(
+            f"checkpoint {path} is corrupt or incomplete: {type(e).__name__}: "
+            f"{one_line(str(e))[:300]}"
         ) from e
     return state
+
+
+def resume_from(
+    accelerator,
+    resume: str | None,
+    output_dir: str | os.PathLike,
+    current_fingerprint: dict,
+    current_config: dict | None = None,
+) -> tuple[Path, dict] | None:
+    """Load the checkpoint ``resume`` names: (its path, its trainer state), or None (fresh).
+
+    With ``resume="auto"`` a corrupt newest checkpoint is reported with a warning and the next
+    newest complete one is tried, down to the oldest; a setup mismatch is never skipped over.
+    """
+    path = resolve_resume(resume, output_dir)
+    if path is None:
+        return None
+    candidates = [path]
+    if resume == "auto":
+        candidates = list(reversed(list_checkpoints(output_dir)))
+    for i, candidate in enumerate(candidates):
+        try:
+            return candidate, load_checkpoint(
+                accelerator, candidate, current_fingerprint, current_config
+            )
+        except CorruptCheckpointError as e:
+            if i == len(candidates) - 1:
+                raise
+            logger.warning(
+                "%s; falling back to the previous complete checkpoint %s",
+                one_line(str(e)),
+                candidates[i + 1],
+            )
+    return None
+
+
+def apply_schedule(scheduler, lr: float, *, betas=None, weight_decay: float | None = None) -> None:
+    """Make a restored LambdaLR schedule follow this run's ``lr`` (and AdamW settings).
+
+    ``load_state`` restores the checkpoint's base learning rates into the scheduler and the
+    optimizer's param groups; the lambdas are this run's (functions are not saved). Without this
+    a resumed run with a new ``trainer.lr`` would train on the old one.
+    """
+    sched = getattr(scheduler, "scheduler", scheduler)
+    groups = sched.optimizer.param_groups
+    sched.base_lrs = [lr for _ in groups]
+    for group, fn in zip(groups, sched.lr_lambdas, strict=True):
+        group["initial_lr"] = lr
+        group["lr"] = lr * fn(sched.last_epoch)
+        if betas is not None:
+            group["betas"] = tuple(betas)
+        if weight_decay is not None:
+            group["weight_decay"] = weight_decay
+    sched._last_lr = [group["lr"] for group in groups]

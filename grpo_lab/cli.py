@@ -32,10 +32,20 @@ def _setup_logging() -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from grpo_lab.config import load_config
+    from grpo_lab.errors import DiskFullError, disk_full_error, is_disk_full
     from grpo_lab.trainer import train
 
-    cfg = load_config(args.recipe, args.overrides)
-    train(cfg)
+    overrides = [*args.overrides, *(["overwrite=true"] if args.overwrite else [])]
+    cfg = load_config(args.recipe, overrides)
+    try:
+        train(cfg)
+    except Exception as e:
+        if isinstance(e, DiskFullError) or not is_disk_full(e):
+            raise
+        # e.g. metrics.jsonl: a plain write reports ENOSPC without a file name
+        raise disk_full_error(
+            cfg.output_dir, "the run's files", "free space, then resume=auto continues the run"
+        ) from e
     return 0
 
 
@@ -55,12 +65,15 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _resolve_model(model_or_run: str):
     """A run folder (with config.yaml and final/) or a model name/path -> (model path, run config)."""
     from grpo_lab.config import load_config
+    from grpo_lab.errors import ModelSourceError
 
     p = Path(model_or_run)
     if (p / "config.yaml").is_file():
         final = p / "final"
         if not final.is_dir():
-            raise SystemExit(f"{p} is a run folder without a final/ model (has the run finished?)")
+            raise ModelSourceError(
+                f"{p} is a run folder without a final/ model (has the run finished?)"
+            )
         return str(final), load_config(p / "config.yaml")
     return model_or_run, None
 
@@ -91,6 +104,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     max_new = args.max_new_tokens or (run_cfg.rollout.max_new_tokens if run_cfg else 6)
     tokenizer = load_tokenizer(model_path)
     model = load_causal_lm(model_path, dtype=args.dtype)
+    problems = _fit_eval_prompts(problems, tokenizer, model, data, template, max_new)
     if args.device:
         model.to(args.device)
     result = evaluate(
@@ -107,6 +121,26 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"{key:>20s}  {value:.4f}")
     print(json.dumps({"model": model_path, "dataset": dataset, **result}))
     return 0
+
+
+def _fit_eval_prompts(problems, tokenizer, model, data, template: str, max_new: int):
+    """Refuse prompts longer than the model's context minus max_new (or, with the run's
+    data.max_prompt_tokens, drop them) before any is generated from."""
+    import dataclasses
+
+    from grpo_lab.config import DataConfig
+    from grpo_lab.data import fit_prompts, model_context
+
+    settings = dataclasses.replace(data or DataConfig(), template=template)
+    context = model_context(model.config, tokenizer)
+    return fit_prompts(
+        problems,
+        tokenizer=tokenizer,
+        data=settings,
+        context=context,
+        max_new_tokens=max_new,
+        what="evaluation",
+    )
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -136,7 +170,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     adapter, _ = _resolve_model(args.adapter)
     adapter_cfg = Path(adapter) / "adapter_config.json"
     if not adapter_cfg.is_file():
-        raise SystemExit(f"{adapter}: no adapter_config.json (is this a LoRA run?)")
+        from grpo_lab.errors import ModelSourceError
+
+        raise ModelSourceError(f"{adapter}: no adapter_config.json (is this a LoRA run?)")
     import json
 
     base = args.base or json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
@@ -163,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the Python traceback of every error (also GRPO_LAB_DEBUG=1)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -174,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("recipe", help="path to a recipe YAML (see recipes/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides key=value")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start fresh in an output_dir that holds another run, deleting that run first "
+        "(same as overwrite=true)",
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
@@ -279,20 +326,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from grpo_lab.checkpoint import CheckpointError
-    from grpo_lab.config import ConfigError
+    from grpo_lab.errors import exit_code_for
     from grpo_lab.sweep import SweepError
 
     _setup_logging()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"grpo-lab: config error: {e}", file=sys.stderr)
-        return 2
-    except (SweepError, CheckpointError) as e:
+    except SweepError as e:
         print(f"grpo-lab: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("grpo-lab: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        # User errors (config, data, model, run folder, checkpoint, full disk): one line.
+        code = exit_code_for(e, debug=args.debug)
+        if code is None:
+            raise
+        return code
 
 
 if __name__ == "__main__":

@@ -51,12 +51,15 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from grpo_lab.errors import UserError
+
 __all__ = [
     "AdvantageConfig",
     "CheckpointConfig",
     "Config",
     "ConfigError",
     "DataConfig",
+    "DivergenceConfig",
     "HarnessConfig",
     "LoraConfig",
     "LossConfig",
@@ -78,11 +81,13 @@ __all__ = [
 GROUP_ESTIMATORS = frozenset({"grpo", "rloo"})
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem; the message names the key(s) and, when known, where it came from.
 
     ``keys`` holds the dotted keys involved (empty for file-level problems).
     """
+
+    kind = "config error"
 
     def __init__(self, message: str, keys: Sequence[str] = ()) -> None:
         super().__init__(message)
@@ -151,7 +156,11 @@ class DataConfig:
     ops: list[str] = field(default_factory=lambda: ["+"])
     """Arithmetic: operators to draw from."""
     num_eval: int = 512
-    """Number of evaluation problems (the first ones of the evaluation set)."""
+    """Number of evaluation problems (the first ones of the evaluation set); 0 = no evaluation."""
+    max_prompt_tokens: int | None = None
+    """Drop problems whose prompt is longer than this many tokens (the log says how many were
+    dropped); null = every prompt must fit the model's context minus rollout.max_new_tokens, and
+    a longer one is an error naming its file and row."""
 
 
 @dataclass
@@ -328,6 +337,24 @@ class CheckpointConfig:
 
 
 @dataclass
+class DivergenceConfig:
+    """Guards that stop (or warn about) a run whose policy has broken down."""
+
+    entropy_max: float | None = 0.95
+    """Explosion: the mean token entropy of the update (policy/entropy) above this fraction of
+    the uniform distribution's entropy (ln of the vocabulary size), in a run whose first step was
+    below it, means the policy has turned to noise (a learning rate far too high); null = off."""
+    entropy_min: float | None = None
+    """Collapse: policy/entropy below this many nats means the policy samples one sequence
+    whatever the prompt; null = off (a policy that has learned its task is legitimately sure)."""
+    patience: int = 2
+    """Consecutive training steps out of bounds before the action is taken."""
+    action: Literal["warn", "stop"] = "stop"
+    """What a guard does: log a warning each time, or stop the run (exit code 3; the checkpoints
+    written before are kept, so it can resume with other settings)."""
+
+
+@dataclass
 class HarnessConfig:
     """Measurement and experiment tracking."""
 
@@ -349,6 +376,9 @@ class Config:
     """Run folder: resolved config, metrics and checkpoints are written here."""
     resume: str | None = None
     """Resume from "auto" (newest complete checkpoint in output_dir) or a checkpoint path; null = fresh."""
+    overwrite: bool = False
+    """A fresh run (resume null) into an output_dir that holds another run deletes that run's
+    files first; false = refuse, naming resume=auto and overwrite=true."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Policy model."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -367,6 +397,8 @@ class Config:
     """Optimisation."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpointing."""
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    """Divergence guards."""
     harness: HarnessConfig = field(default_factory=HarnessConfig)
     """Measurement."""
 
@@ -453,6 +485,11 @@ _BOUNDS: tuple[tuple[str, str, float], ...] = (
     ("checkpoint.every", ">=", 0),
     ("checkpoint.keep", ">=", 1),
     ("harness.peak_tflops", ">", 0),
+    ("data.max_prompt_tokens", ">=", 1),
+    ("divergence.entropy_max", ">", 0),
+    ("divergence.entropy_max", "<=", 1),
+    ("divergence.entropy_min", ">=", 0),
+    ("divergence.patience", ">=", 1),
 )
 
 
@@ -882,7 +919,14 @@ def to_dict(config: Config) -> dict[str, Any]:
 def save_config(config: Config, path: str | Path) -> None:
     """Write ``config`` as YAML; ``load_config(path)`` gives back an equal Config."""
     text = yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True)
-    Path(path).write_text(text)
+    # Written aside and renamed, so a full disk never leaves a run with half a config.
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------

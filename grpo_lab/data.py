@@ -23,8 +23,11 @@ import json
 import os
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from grpo_lab.errors import DataError, one_line
 
 __all__ = [
     "DATASETS",
@@ -41,11 +44,16 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Problem:
-    """One question with its gold final answer; `id` is stable across runs for the same data."""
+    """One question with its gold final answer; `id` is stable across runs for the same data.
+
+    `where` names the file and row it came from (for error messages); it takes no part in
+    equality.
+    """
 
     question: str
     answer: str
     id: str
+    where: str = field(default="", compare=False, repr=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,30 +184,104 @@ def _arith_rejection(n, rng, split, space, max_value, num_operands, ops) -> list
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
-    """(1-based line number, object) for every non-blank line of a JSONL file."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: row {lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}: row {lineno}: expected a JSON object")
-            rows.append((lineno, row))
-    return rows
+# Rows named in one error message; the rest are counted.
+MAX_LISTED_ROWS = 10
 
 
-def _field(row: dict[str, Any], name: str, where: str) -> str:
-    value = row.get(name)
-    if value is None:
-        raise ValueError(f"{where}: missing field {name!r}")
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise ValueError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
-    return str(value)
+def _bad_rows_error(source: str, bad: list[tuple[int, str]], hint: str = "") -> DataError:
+    """One error listing the first MAX_LISTED_ROWS bad rows of ``source`` and counting the rest."""
+    shown = "; ".join(f"row {lineno}: {why}" for lineno, why in bad[:MAX_LISTED_ROWS])
+    more = f" (and {len(bad) - MAX_LISTED_ROWS} more)" if len(bad) > MAX_LISTED_ROWS else ""
+    noun = "row" if len(bad) == 1 else "rows"
+    return DataError(f"{source}: {len(bad)} bad {noun}: {shown}{more}{'; ' + hint if hint else ''}")
+
+
+def _read_jsonl(path: str | os.PathLike) -> tuple[list[tuple[int, dict[str, Any]]], list]:
+    """(1-based line number, object) for every non-blank line of a JSONL file, and the
+    (line number, reason) of every line that is not a UTF-8 JSON object.
+
+    A missing, unreadable or empty file raises :class:`DataError` naming it.
+    """
+    file = Path(path)
+    if not file.exists():
+        raise DataError(f"{path}: no such file")
+    if file.is_dir():
+        raise DataError(f"{path}: is a folder, expected a JSONL file (one JSON object per line)")
+    try:
+        data = file.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if not data.strip():
+        raise DataError(f"{path}: the file is empty (expected one JSON object per line)")
+    rows, bad = [], []
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        if lineno == 1:
+            raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad.append(
+                (lineno, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                 "save the file as UTF-8")
+            )  # fmt: skip
+            continue
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            bad.append((lineno, f"not valid JSON ({e.msg} at column {e.colno})"))
+            continue
+        if not isinstance(row, dict):
+            bad.append((lineno, f"expected a JSON object, got {type(row).__name__}"))
+            continue
+        rows.append((lineno, row))
+    return rows, bad
+
+
+def _row_fields(row: dict[str, Any], names: Sequence[str]) -> list[str] | str:
+    """The string value of each field in ``names``, or why the row cannot give them."""
+    missing = [n for n in names if row.get(n) is None]
+    if missing:
+        return f"missing field {' and '.join(repr(n) for n in missing)}"
+    values = []
+    for name in names:
+        value = row[name]
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            return f"field {name!r} must be a string, got {type(value).__name__}"
+        values.append(str(value))
+    if not values[0].strip():
+        return f"field {names[0]!r} is empty"
+    return values
+
+
+def unscorable_gold(gold: str, *, numeric: bool) -> str | None:
+    """Why the reward can never score ``gold`` as correct, or None when it can.
+
+    Asked of the reward's own readers: the gold is reduced to its answer as the reward does
+    (``rewards.extract.gold_answer``); it must be non-empty and pass the reward's pre-screen;
+    a ``numeric`` task's gold (GSM8K) must read as a plain number (``normalize.parse_number``);
+    any other must be readable back from ``\\boxed{...}`` by the reward's extractor (its braces
+    balance).
+    """
+    from grpo_lab.rewards.equivalence import prescreen
+    from grpo_lab.rewards.extract import find_boxed, gold_answer
+    from grpo_lab.rewards.normalize import parse_number
+
+    answer = gold_answer(gold)
+    if not answer:
+        return "the gold answer is empty"
+    shown = answer if len(answer) <= 40 else answer[:37] + "..."
+    why = prescreen(answer)
+    if why:
+        return f"the gold answer {shown!r} cannot be scored ({why})"
+    if parse_number(answer) is not None:
+        return None
+    if numeric:
+        return f"the gold answer {shown!r} is not a number"
+    if find_boxed("\\boxed{" + answer + "}") != [answer]:
+        return f"the gold answer {shown!r} cannot be read by the reward (unbalanced braces)"
+    return None
 
 
 def gsm8k_gold(solution: str) -> str | None:
@@ -211,35 +293,61 @@ def gsm8k_gold(solution: str) -> str | None:
     return gold or None
 
 
-def _gsm8k_rows(rows, source: str, split: str) -> list[Problem]:
-    problems = []
+def _gsm8k_rows(rows, source: str, split: str, bad: list | None = None) -> list[Problem]:
+    """Problems of GSM8K rows; every bad row (and ``bad``, from reading) is listed in one error."""
+    problems, bad = [], list(bad or [])
     for index, (lineno, row) in enumerate(rows):
-        where = f"{source}: row {lineno}"
-        question = _field(row, "question", where)
-        gold = gsm8k_gold(_field(row, "answer", where))
+        fields = _row_fields(row, ("question", "answer"))
+        if isinstance(fields, str):
+            bad.append((lineno, fields))
+            continue
+        question, solution = fields
+        gold = gsm8k_gold(solution)
         if gold is None:
-            raise ValueError(f"{where}: field 'answer' has no final answer after '####'")
-        problems.append(Problem(question=question, answer=gold, id=f"gsm8k/{split}/{index}"))
+            bad.append((lineno, "field 'answer' has no final answer after '####'"))
+            continue
+        why = unscorable_gold(gold, numeric=True)
+        if why:
+            bad.append((lineno, why))
+            continue
+        where = f"{source}: row {lineno}"
+        problems.append(Problem(question, gold, f"gsm8k/{split}/{index}", where=where))
+    if bad:
+        hint = "GSM8K rows need a 'question' and an 'answer' ending in '#### <number>'"
+        if rows and all("problem" in row for _, row in rows):
+            hint += "; these rows have 'problem' fields: is it a MATH file (data.name=math)?"
+        raise _bad_rows_error(source, sorted(bad), hint)
     return problems
 
 
 def load_gsm8k(path: str | None = None, *, split: str = "train") -> list[Problem]:
     """GSM8K problems; gold = the number after `####` with thousands separators removed.
 
-    With `path=None` the `openai/gsm8k` ("main") split is fetched with `datasets` (needs network);
-    otherwise `path` is a local JSONL file with GSM8K's `question`/`answer` fields, and `split` is
-    only used in the problem ids.
+    With `path=None` the `openai/gsm8k` ("main") split is fetched with `datasets` (needs network;
+    fails at once when the hub cannot be reached); otherwise `path` is a local JSONL file with
+    GSM8K's `question`/`answer` fields, and `split` is only used in the problem ids. Every row is
+    checked; all bad rows are listed in one :class:`DataError`.
     """
     if path is not None:
-        return _gsm8k_rows(_read_jsonl(path), str(path), split)
+        rows, bad = _read_jsonl(path)
+        return _gsm8k_rows(rows, str(path), split, bad)
+    from grpo_lab.hub import hub_unreachable_reason
+
+    offline = hub_unreachable_reason()
+    if offline:
+        raise DataError(
+            f"GSM8K's {split!r} split comes from the hub (openai/gsm8k), which {offline}; "
+            "use a local JSONL file with 'question' and 'answer' fields instead (data.path / "
+            "data.eval_path, or grpo-lab eval --path)"
+        )
     try:
         import datasets
 
         hub = datasets.load_dataset("openai/gsm8k", "main", split=split)
     except Exception as e:
-        raise RuntimeError(
-            f"load_gsm8k: could not load openai/gsm8k ({type(e).__name__}: {e}); without network "
-            "access pass path= a local JSONL file with 'question' and 'answer' fields"
+        raise DataError(
+            f"could not load openai/gsm8k[{split}] from the hub ({type(e).__name__}: "
+            f"{one_line(str(e))[:200]}); use a local JSONL file with 'question' and 'answer' fields"
         ) from e
     rows = [(i + 1, dict(row)) for i, row in enumerate(hub)]
     return _gsm8k_rows(rows, f"openai/gsm8k[{split}]", split)
@@ -267,24 +375,49 @@ def load_math_jsonl(path: str | os.PathLike) -> list[Problem]:
     """MATH-style problems from a JSONL file with `problem` and `answer` fields.
 
     When `answer` is missing the gold is the last `\\boxed{...}` of `solution`. Ids come from an
-    `id` or `unique_id` field when present, else `math/<row index>`.
+    `id` or `unique_id` field when present, else `math/<row index>`. Every row is checked (golds
+    with :func:`unscorable_gold`); all bad rows are listed in one :class:`DataError`.
     """
     problems = []
-    for index, (lineno, row) in enumerate(_read_jsonl(path)):
-        where = f"{path}: row {lineno}"
-        question = _field(row, "problem", where)
+    rows, bad = _read_jsonl(path)
+    for index, (lineno, row) in enumerate(rows):
+        question = _row_fields(row, ("problem",))
+        if isinstance(question, str):
+            bad.append((lineno, question))
+            continue
         if row.get("answer") is not None:
-            gold = _field(row, "answer", where).strip()
+            gold = _row_fields(row, ("answer",))
+            if isinstance(gold, str):
+                bad.append((lineno, gold))
+                continue
+            gold = gold[0].strip()
         elif row.get("solution") is not None:
-            gold = last_boxed(_field(row, "solution", where))
+            solution = _row_fields(row, ("solution",))
+            gold = None if isinstance(solution, str) else last_boxed(solution[0])
             if gold is None:
-                raise ValueError(f"{where}: no 'answer' field and no \\boxed{{...}} in 'solution'")
+                bad.append((lineno, "no 'answer' field and no \\boxed{...} in 'solution'"))
+                continue
         else:
-            raise ValueError(f"{where}: missing field 'answer' (and no 'solution' to take it from)")
+            bad.append((lineno, "missing field 'answer' (and no 'solution' to take it from)"))
+            continue
+        why = unscorable_gold(gold, numeric=False)
+        if why:
+            bad.append((lineno, why))
+            continue
         ident = row.get("id", row.get("unique_id"))
         problems.append(
-            Problem(question=question, answer=gold, id=str(ident) if ident else f"math/{index}")
+            Problem(
+                question[0],
+                gold,
+                str(ident) if ident else f"math/{index}",
+                where=f"{path}: row {lineno}",
+            )
         )
+    if bad:
+        hint = "MATH rows need a 'problem' and an 'answer' (or a 'solution' with \\boxed{...})"
+        if rows and all("question" in row for _, row in rows):
+            hint += "; these rows have 'question' fields: is it a GSM8K file (data.name=gsm8k)?"
+        raise _bad_rows_error(str(path), sorted(bad), hint)
     return problems
 
 
@@ -315,7 +448,10 @@ def _head(problems: list[Problem], limit: int | None) -> list[Problem]:
 @register_dataset("arith")
 def _load_arith(*, split, path, limit, seed, **kwargs) -> list[Problem]:
     if path is not None:
-        raise ValueError("dataset 'arith' is generated, it takes no path")
+        raise DataError(
+            f"dataset 'arith' is generated and reads no file, but a path was given ({path}); "
+            "for a JSONL file set the dataset name to gsm8k or math (data.name)"
+        )
     n = limit if limit is not None else {"train": 20_000, "test": 512}.get(split, 0)
     return make_arith(n, seed=seed, split=split, **kwargs)
 
@@ -328,7 +464,10 @@ def _load_gsm8k(*, split, path, limit, seed, **kwargs) -> list[Problem]:
 @register_dataset("math")
 def _load_math(*, split, path, limit, seed, **kwargs) -> list[Problem]:
     if path is None:
-        raise ValueError("dataset 'math' needs path= a local JSONL file with 'problem'/'answer'")
+        raise DataError(
+            "dataset 'math' needs a local JSONL file with 'problem'/'answer' fields "
+            "(data.path / data.eval_path, or grpo-lab eval --path)"
+        )
     return _head(load_math_jsonl(path), limit)
 
 
@@ -349,9 +488,9 @@ def load_problems(
     dataset.
     """
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {sorted(DATASETS)}")
+        raise DataError(f"unknown dataset {name!r}; valid names: {sorted(DATASETS)}")
     if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+        raise DataError(f"limit must be >= 0, got {limit}")
     return DATASETS[name](split=split, path=path, limit=limit, seed=seed, **arith_kwargs)
 
 
@@ -469,3 +608,158 @@ class PromptSampler:
         self.epoch = state["epoch"]
         self.position = state["position"]
         self._order = self._permutation(self.epoch)
+
+
+# ---------------------------------------------------------------------------------------------
+# A run's problems, checked against its settings and its model
+# ---------------------------------------------------------------------------------------------
+
+
+def load_run_problems(data: Any, *, seed: int) -> tuple[list[Problem], list[Problem]]:
+    """(training, evaluation) problems of a run's ``data`` settings (a ``DataConfig``).
+
+    Settings that cannot work are refused before anything is read, naming the key to set: a file
+    for the generated ``arith`` task, a missing file, a hub download while the hub cannot be
+    reached (at once, not after retries). ``data.num_eval=0`` loads no evaluation problems.
+    """
+    import difflib
+
+    from grpo_lab.config import ConfigError
+    from grpo_lab.hub import hub_unreachable_reason
+
+    if data.template not in PROMPT_TEMPLATES:
+        near = difflib.get_close_matches(data.template, list(PROMPT_TEMPLATES), n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ConfigError(
+            f"data.template: unknown template {data.template!r}{hint}; valid: "
+            f"{sorted(PROMPT_TEMPLATES)}",
+            ["data.template"],
+        )
+    if data.system_prompt is not None and not data.use_chat_template:
+        raise ConfigError(
+            "data.system_prompt is set but data.use_chat_template is false; a system message "
+            "only exists in a chat template",
+            ["data.system_prompt", "data.use_chat_template"],
+        )
+    if data.name == "arith":
+        for key in ("path", "eval_path"):
+            if getattr(data, key) is not None:
+                raise DataError(
+                    f"data.{key}={getattr(data, key)}: the 'arith' task is generated and reads "
+                    "no file; for a JSONL file set data.name=gsm8k or data.name=math, else drop "
+                    f"data.{key}"
+                )
+    for key in ("path", "eval_path"):
+        value = getattr(data, key)
+        if value is not None and not Path(value).is_file():
+            what = "is a folder" if Path(value).is_dir() else "no such file"
+            raise DataError(f"data.{key}={value}: {what} (expected a JSONL file)")
+    fields = "'question'/'answer'" if data.name == "gsm8k" else "'problem'/'answer'"
+    if data.name != "arith" and data.path is None:
+        offline = hub_unreachable_reason() if data.name == "gsm8k" else "has no MATH copy"
+        if offline:
+            raise DataError(
+                f"data.path is not set, so the {data.name} training split would come from the "
+                f"hub, which {offline}; set data.path to a local JSONL file with {fields} fields"
+            )
+    if data.name != "arith" and data.eval_path is None and data.num_eval > 0:
+        offline = hub_unreachable_reason() if data.name == "gsm8k" else "has no MATH copy"
+        if offline:
+            raise DataError(
+                f"data.eval_path is not set, so the {data.name} evaluation split would come from "
+                f"the hub, which {offline}; set data.eval_path to a local JSONL file with "
+                f"{fields} fields (or data.num_eval=0 to train without evaluation)"
+            )
+    arith = {"max_value": data.max_value, "num_operands": data.num_operands, "ops": tuple(data.ops)}
+    train = load_problems(data.name, split="train", path=data.path, seed=seed, **arith)
+    evaluation = []
+    if data.num_eval > 0:
+        evaluation = load_problems(
+            data.name, split="test", path=data.eval_path, limit=data.num_eval, seed=seed, **arith
+        )
+    return train, evaluation
+
+
+def model_context(model_config: Any, tokenizer: Any = None) -> int | None:
+    """Most positions the model takes (prompt + completion), or None when it does not say."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    return value if isinstance(value, int) and 0 < value < 10**8 else None
+
+
+def fit_prompts(
+    problems: Sequence[Problem],
+    *,
+    tokenizer: Any,
+    data: Any,
+    context: int | None,
+    max_new_tokens: int,
+    what: str,
+) -> list[Problem]:
+    """``problems`` whose rendered prompt fits the model's context minus ``max_new_tokens``.
+
+    With ``data.max_prompt_tokens`` set, longer prompts are dropped (and counted in the log);
+    otherwise a prompt that does not fit is an error listing the rows. ``max_new_tokens`` alone
+    beyond the context is a :class:`~grpo_lab.config.ConfigError`.
+    """
+    import logging
+
+    from grpo_lab.config import ConfigError
+
+    budget = None if context is None else context - max_new_tokens
+    if budget is not None and budget < 1:
+        raise ConfigError(
+            f"rollout.max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+            f"context of {context} tokens; set it below {context}",
+            ["rollout.max_new_tokens"],
+        )
+    limit = data.max_prompt_tokens
+    if limit is not None and budget is not None and limit > budget:
+        raise ConfigError(
+            f"data.max_prompt_tokens={limit} + rollout.max_new_tokens={max_new_tokens} is more "
+            f"than the model's context of {context} tokens; lower one of them",
+            ["data.max_prompt_tokens", "rollout.max_new_tokens"],
+        )
+    if (limit is None and budget is None) or not problems:
+        return list(problems)
+    try:
+        prompts = [
+            render_prompt(
+                p.question,
+                template=data.template,
+                tokenizer=tokenizer,
+                use_chat_template=data.use_chat_template,
+                system_prompt=data.system_prompt,
+            )
+            for p in problems
+        ]
+    except ValueError as e:  # no chat template
+        raise ConfigError(f"data.use_chat_template: {e}", ["data.use_chat_template"]) from None
+    # NOTE: the tokenizer is asked for lengths only; the rollout tokenizes the same way.
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
+    cap = limit if limit is not None else budget
+    long = [(p, n) for p, n in zip(problems, lengths) if n > cap]
+    if not long:
+        return list(problems)
+    if limit is not None:
+        kept = [p for p, n in zip(problems, lengths) if n <= cap]
+        logging.getLogger("grpo_lab").warning(
+            "data.max_prompt_tokens=%d: dropped %d of %d %s problems with longer prompts",
+            limit, len(long), len(problems), what,
+        )  # fmt: skip
+        if not kept:
+            raise DataError(
+                f"data.max_prompt_tokens={limit}: every {what} prompt is longer; raise it"
+            )
+        return kept
+    shown = "; ".join(f"{p.where or p.id}: {n} tokens" for p, n in long[:MAX_LISTED_ROWS])
+    more = f" (and {len(long) - MAX_LISTED_ROWS} more)" if len(long) > MAX_LISTED_ROWS else ""
+    raise DataError(
+        f"{len(long)} {what} prompt(s) do not fit the model's context of {context} tokens minus "
+        f"rollout.max_new_tokens={max_new_tokens} ({budget} tokens): {shown}{more}; shorten "
+        f"them, lower rollout.max_new_tokens, or set data.max_prompt_tokens={budget} (or less) "
+        "to drop them"
+    )

@@ -77,6 +77,7 @@ def run_demo(
             f"output_dir={Path(output_dir) / name}",
             "trainer.progress_bar=true",
             f"trainer.max_steps={steps if steps is not None else 1_000_000}",
+            "overwrite=true",  # the demo's own folder: a rerun replaces the previous demo
         ]
         if budget_s is not None:
             overrides.append(f"trainer.max_time_s={budget_s}")

@@ -64,12 +64,16 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """``builtin:*`` names map to the embedded tiny models' cached folder; others pass through."""
+    """``builtin:*`` names map to the embedded tiny models' cached folder; a local folder or a
+    hub name is checked by :func:`grpo_lab.hub.resolve_model_source` (a missing folder, a folder
+    without a model, or a hub name while offline and not cached is a one-line error)."""
     if name_or_path.startswith("builtin:"):
         from grpo_lab.tiny import resolve_model_path as resolve_builtin
 
         return resolve_builtin(name_or_path)
-    return name_or_path
+    from grpo_lab.hub import resolve_model_source
+
+    return resolve_model_source(name_or_path)
 
 
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
@@ -79,6 +83,21 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
     ids) must decide what is padding.
     """
     path = resolve_model_path(name_or_path)
+    with _loading(name_or_path):
+        tokenizer = _load_tokenizer(path, trust_remote_code)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            from grpo_lab.errors import ModelSourceError
+
+            raise ModelSourceError(
+                f"tokenizer {name_or_path!r}: has neither a pad nor an eos token"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def _load_tokenizer(path: str, trust_remote_code: bool):
     if _declares_generic_fast_tokenizer(path):
         # NOTE: transformers 5.x AutoTokenizer picks the tokenizer class from the model type
         # (e.g. Qwen2Tokenizer for a qwen2 model), which re-runs that model's pre-tokenizer over
@@ -87,11 +106,6 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
         tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
     else:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(f"tokenizer {name_or_path!r}: has neither a pad nor an eos token")
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
     return tokenizer
 
 
@@ -119,13 +133,40 @@ def load_causal_lm(
     ``config.use_cache`` is turned off because training forwards never reuse a KV cache;
     :mod:`grpo_lab.rollout` asks for the cache explicitly when generating.
     """
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(name_or_path),
-        dtype=resolve_dtype(dtype),
-        attn_implementation=attn_implementation,
-        trust_remote_code=trust_remote_code,
-    )
+    torch_dtype = resolve_dtype(dtype)
+    path = resolve_model_path(name_or_path)
+    with _loading(name_or_path):
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=torch_dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+        )
     return _prepare_for_training(model, gradient_checkpointing)
+
+
+@contextlib.contextmanager
+def _loading(name_or_path: str) -> Iterator[None]:
+    """A model or tokenizer that cannot be loaded (bad config.json, truncated weights, missing
+    files, remote code not allowed) as one line naming it."""
+    from grpo_lab.errors import ModelSourceError, UserError, one_line
+
+    try:
+        yield
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelSourceError(
+            f"cannot load {name_or_path!r} (model.name_or_path): {type(e).__name__}: "
+            f"{one_line(str(e))[:300]}"
+        ) from e
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise ModelSourceError(
+            f"cannot load {name_or_path!r} (model.name_or_path): its weights are unreadable "
+            f"({one_line(str(e))[:200]})"
+        ) from e
 
 
 def random_init_causal_lm(

@@ -39,15 +39,29 @@ from accelerate.utils import set_seed
 from grpo_lab import algos, distributed
 from grpo_lab.checkpoint import (
     CheckpointError,
+    apply_schedule,
+    config_changes,
     fingerprint,
-    load_checkpoint,
     replace_folder,
-    resolve_resume,
+    resume_from,
     save_checkpoint,
 )
-from grpo_lab.config import Config, ConfigError, save_config
-from grpo_lab.data import PromptSampler, load_problems, render_prompt
+from grpo_lab.config import Config, ConfigError, save_config, to_dict
+from grpo_lab.data import (
+    PromptSampler,
+    fit_prompts,
+    load_run_problems,
+    model_context,
+    render_prompt,
+)
+from grpo_lab.errors import DivergenceError, disk_full_error, is_out_of_space
 from grpo_lab.evaluation import evaluate
+from grpo_lab.guards import (
+    divergence_advice,
+    entropy_alarm,
+    non_finite_parameters,
+    sampling_guard,
+)
 from grpo_lab.harness import (
     Harness,
     MetricsWriter,
@@ -76,6 +90,7 @@ from grpo_lab.rollout import (
     generate,
     reads_values,
 )
+from grpo_lab.runs import claim_output_dir, clear_run
 
 logger = logging.getLogger("grpo_lab")
 
@@ -123,9 +138,8 @@ class Trainer:
             torch.set_num_threads(cfg.trainer.cpu_threads)
         set_seed(cfg.seed, device_specific=True)
         self.out_dir = Path(cfg.output_dir)
-        if self.acc.is_main_process:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out_dir / "config.yaml")
+        # A fresh run never writes into another run's folder (overwrite=true deletes it first).
+        previous_run = claim_output_dir(self.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)
 
         if cfg.rollout.backend == "compiled" and self.zero_stage == 3:
             raise ConfigError(
@@ -140,6 +154,7 @@ class Trainer:
         self.value_mode = cfg.ppo.value if self.is_ppo else None
         self._build_data()
         self._build_models()
+        self._fit_prompts()
         self._build_optimizers()
         self.harness = Harness(
             self.acc.device, n_params=self._n_policy_params, peak_flops=self._peak_override()
@@ -150,7 +165,14 @@ class Trainer:
         self._skipped_rows = 0
         # The sampler position and harness counters travel with every checkpoint.
         self.acc.register_for_checkpointing(self.sampler, self.harness)
+        if self.acc.is_main_process:
+            clear_run(self.out_dir, previous_run)
+        self.acc.wait_for_everyone()
         self._resume()
+        if self.acc.is_main_process:
+            # Written once the run is accepted, so a refused resume leaves the old config.
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out_dir / "config.yaml")
         self.writer = MetricsWriter(
             self.out_dir / "metrics.jsonl",
             accelerator=self.acc if cfg.harness.report_to else None,
@@ -165,14 +187,22 @@ class Trainer:
         return None if t is None else t * 1e12
 
     def _build_data(self) -> None:
-        d = self.cfg.data
-        arith = {"max_value": d.max_value, "num_operands": d.num_operands, "ops": tuple(d.ops)}
-        self.train_problems = load_problems(
-            d.name, split="train", path=d.path, seed=self.cfg.seed, **arith
+        self.train_problems, self.eval_problems = load_run_problems(
+            self.cfg.data, seed=self.cfg.seed
         )
-        self.eval_problems = load_problems(
-            d.name, split="test", path=d.eval_path, limit=d.num_eval, seed=self.cfg.seed, **arith
+
+    def _fit_prompts(self) -> None:
+        """Refuse (or, with data.max_prompt_tokens, drop) prompts longer than the model's
+        context minus rollout.max_new_tokens; then build the sampler."""
+        fit = functools.partial(
+            fit_prompts,
+            tokenizer=self.tokenizer,
+            data=self.cfg.data,
+            context=model_context(self.generation_model.config, self.tokenizer),
+            max_new_tokens=self.cfg.rollout.max_new_tokens,
         )
+        self.train_problems = fit(self.train_problems, what="training")
+        self.eval_problems = fit(self.eval_problems, what="evaluation")
         B = self.cfg.rollout.prompts_per_step  # divisible by the process count (Config.validate)
         # Every rank draws the same global batch (same seed) and keeps its own slice of prompts:
         # a prompt's G samples always live on one rank, so group statistics need no gather.
@@ -282,8 +312,10 @@ class Trainer:
         return fingerprint(models, extra)
 
     def _resume(self) -> None:
-        path = resolve_resume(self.cfg.resume, self.out_dir)
-        if path is None:
+        found = resume_from(
+            self.acc, self.cfg.resume, self.out_dir, self._fingerprint(), to_dict(self.cfg)
+        )
+        if found is None:
             if self.acc.is_main_process:
                 # A fresh run starts a fresh metrics file rather than appending to a stale one.
                 (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -292,7 +324,21 @@ class Trainer:
                     "resume=auto: no complete checkpoint in %s, starting fresh", self.out_dir
                 )
             return
-        state = load_checkpoint(self.acc, path, self._fingerprint())
+        path, state = found
+        t = self.cfg.trainer
+        # The schedule follows this run's trainer.lr / max_steps / warmup, not the checkpoint's.
+        apply_schedule(self.sched, t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
+        if self.critic is not None:
+            apply_schedule(
+                self.critic_sched,
+                self.cfg.ppo.critic_lr or t.lr,
+                betas=t.adam_betas,
+                weight_decay=t.weight_decay,
+            )
+        changed, _ = config_changes(state.get("config") or {}, to_dict(self.cfg))
+        changed = [c for c in changed if not c.startswith(("resume:", "overwrite:"))]
+        if changed and state.get("config"):
+            logger.info("resume applies changed settings: %s", "; ".join(changed))
         self.global_step = state["step"]
         self.skipped_total = state["skipped_total"]
         self.skipped_in_a_row = state["skipped_in_a_row"]
@@ -308,6 +354,7 @@ class Trainer:
             "skipped_total": self.skipped_total,
             "skipped_in_a_row": self.skipped_in_a_row,
             "fingerprint": self._fingerprint(),
+            "config": to_dict(self.cfg),
         }
         try:
             path = save_checkpoint(
@@ -407,7 +454,9 @@ class Trainer:
         h.start_step()
         problems = self._local_problems(self.sampler.next_batch())
 
-        with self._phase("rollout"):
+        t = cfg.trainer
+        advice = divergence_advice(t.lr, t.warmup_steps, t.max_grad_norm)
+        with self._phase("rollout"), sampling_guard(f"step {self.global_step + 1}", advice):
             batch = self._rollout([p.question for p in problems])
         with self._phase("reward"):
             golds = [p.answer for p in problems for _ in range(cfg.rollout.group_size)]
@@ -418,6 +467,7 @@ class Trainer:
         exp = self._make_experience(batch, rewards)
         with self._phase("update"):
             train_metrics = self._update(exp)
+        self._check_finite(f"the update of step {self.global_step + 1}")
         h.add_tokens(
             generated=int(batch.completion_mask.sum()),
             trained=int(batch.attention_mask.sum()) * cfg.trainer.epochs,
@@ -430,6 +480,43 @@ class Trainer:
         record.update(train_metrics)
         record.update(h.end_step())
         return record
+
+    def _check_finite(self, when: str) -> None:
+        """Stop before a rollout (or a checkpoint) sees non-finite weights; every rank stops."""
+        bad = {
+            name: non_finite_parameters(self.acc.unwrap_model(model))
+            for name, model in (("policy", self.policy), ("critic", self.critic))
+            if model is not None
+        }
+        flag = torch.tensor(float(any(bad.values())), device=self.acc.device)
+        if float(self._global_sum(flag)) == 0:
+            return
+        t = self.cfg.trainer
+        names = ", ".join(f"{k}: {', '.join(v)}" for k, v in bad.items() if v) or "on another rank"
+        raise DivergenceError(
+            f"parameters are NaN or infinite after {when} ({names}); "
+            + divergence_advice(t.lr, t.warmup_steps, t.max_grad_norm)
+        )
+
+    def _check_entropy(self, history: list[dict]) -> None:
+        """Warn or stop when the policy entropy stays beyond divergence.entropy_max/min."""
+        d = self.cfg.divergence
+        message = entropy_alarm(
+            [r["policy/entropy"] for r in history if "policy/entropy" in r],
+            vocab_size=self.generation_model.config.vocab_size,
+            entropy_max=d.entropy_max,
+            entropy_min=d.entropy_min,
+            patience=d.patience,
+        )
+        if message is None:
+            return
+        t = self.cfg.trainer
+        message += f" at step {self.global_step}; " + divergence_advice(
+            t.lr, t.warmup_steps, t.max_grad_norm
+        )
+        if d.action == "stop":
+            raise DivergenceError(message + " (divergence.action=warn only warns)")
+        logger.warning("%s", message)
 
     def _local_problems(self, problems):
         per_rank = len(problems) // self.world
@@ -871,6 +958,7 @@ class Trainer:
             disable=not (cfg.trainer.progress_bar and self.acc.is_main_process),
             dynamic_ncols=True,
         )
+        self._check_finite("loading" if self.global_step == 0 else "resuming")
         if self.global_step == 0:
             self._maybe_evaluate(force=True)
         while self.global_step < cfg.trainer.max_steps and not self._out_of_time():
@@ -879,6 +967,7 @@ class Trainer:
                 record.update(self.static_footprint())
             self.writer.write(record)
             history.append(record)
+            self._check_entropy(history)
             bar.update(1)
             bar.set_postfix(
                 reward=f"{record['reward/mean']:.3f}", step_s=f"{record['time/step_s']:.2f}"
@@ -913,21 +1002,48 @@ class Trainer:
         tmp = path.with_name(path.name + ".tmp")
         self.acc.wait_for_everyone()
         policy = self.acc.unwrap_model(self.policy)
+        failed: list[BaseException] = []
+
+        def write(*steps) -> None:
+            """Main process only; a full disk is remembered so every rank stops together."""
+            if not self.acc.is_main_process or failed:
+                return
+            try:
+                for step in steps:
+                    step()
+            except Exception as e:
+                if not is_out_of_space(e, path.parent):
+                    raise
+                failed.append(e)
+
         replicas = {}  # every rank's digest of its own parameters, checked below
         with gather_params_for_generation(policy):
             replicas["policy"] = distributed.replica_digests(self.acc, policy)
-            if self.acc.is_main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
-                policy.save_pretrained(tmp)
-                self.tokenizer.save_pretrained(tmp)
+            write(
+                lambda: shutil.rmtree(tmp, ignore_errors=True),
+                lambda: policy.save_pretrained(tmp),
+                lambda: self.tokenizer.save_pretrained(tmp),
+            )
         if self.critic is not None:
             critic = self.acc.unwrap_model(self.critic)
             with gather_params_for_generation(critic):
                 replicas["critic"] = distributed.replica_digests(self.acc, critic)
-                if self.acc.is_main_process:
-                    critic.save_pretrained(tmp / "critic")
+                write(lambda: critic.save_pretrained(tmp / "critic"))
+        write(
+            lambda: (tmp / distributed.REPLICAS_FILE).write_text(
+                json.dumps(replicas, indent=2) + "\n"
+            )
+        )
+        if self._global_sum(torch.tensor(float(len(failed)), device=self.acc.device)) > 0:
+            if self.acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise disk_full_error(
+                path.parent,
+                f"the model to {path}",
+                "nothing was replaced; free space, then resume=auto continues from the newest "
+                "checkpoint",
+            ) from (failed[0] if failed else None)
         if self.acc.is_main_process:
-            (tmp / distributed.REPLICAS_FILE).write_text(json.dumps(replicas, indent=2) + "\n")
             replace_folder(tmp, path)
         self.acc.wait_for_everyone()
         distributed.check_replicas(replicas, str(path / distributed.REPLICAS_FILE))

@@ -71,3 +71,41 @@ def test_replace_folder_swaps_in_the_new_folder(tmp_path):
     replace_folder(tmp, final)
     assert sorted(p.name for p in final.iterdir()) == ["b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+def test_config_changes_split_safe_from_unsafe():
+    from grpo_lab.checkpoint import config_changes
+    from grpo_lab.config import load_config, to_dict
+
+    old = to_dict(load_config(None))
+    new = to_dict(load_config(None, ["trainer.lr=0.5", "seed=3", "rollout.group_size=2"]))
+    safe, unsafe = config_changes(old, new)
+    assert safe == ["trainer.lr: 1e-06 -> 0.5"]
+    assert unsafe == ["seed: 0 -> 3", "rollout.group_size: 8 -> 2"]
+
+
+def test_apply_schedule_replaces_the_restored_base_lr():
+    """A LambdaLR restored from a state dict keeps the old base lr; apply_schedule sets the new
+    one at the restored step (warmup 4: step 2 of 4 gives 3/4 of the peak)."""
+    from grpo_lab.checkpoint import apply_schedule
+
+    def warmup(step):
+        return min(1.0, (step + 1) / 4)
+
+    def make(lr):
+        opt = torch.optim.AdamW(torch.nn.Linear(2, 1).parameters(), lr=lr)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, warmup)
+
+    opt, sched = make(0.1)
+    for _ in range(2):
+        opt.step()
+        sched.step()
+    state = (opt.state_dict(), sched.state_dict())
+    opt2, sched2 = make(0.5)
+    opt2.load_state_dict(state[0])
+    sched2.load_state_dict(state[1])
+    assert sched2.get_last_lr() == [pytest.approx(0.1 * 3 / 4)]  # the bug: old lr restored
+    apply_schedule(sched2, 0.5)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.5 * 3 / 4)
+    sched2.step()
+    assert sched2.get_last_lr() == [pytest.approx(0.5)]

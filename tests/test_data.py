@@ -343,3 +343,52 @@ def test_sampler_errors():
     sampler = PromptSampler(_problems(4), batch_size=2, seed=0)
     with pytest.raises(ValueError, match="num_problems"):
         sampler.load_state_dict(PromptSampler(_problems(5), batch_size=2, seed=0).state_dict())
+
+
+# --- validation at load -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "gold, numeric, reason",
+    [
+        ("72", True, None),
+        ("1,080", True, None),
+        ("\\frac{", True, "not a number"),
+        ("x+1", True, "not a number"),
+        ("\\frac{1}{2}", False, None),
+        ("\\sqrt{8}", False, None),
+        ("\\frac{", False, "unbalanced braces"),
+        ("}{", False, "unbalanced braces"),
+        ("", False, "empty"),
+        ("   ", False, "empty"),
+        ("9^{9^{9^{9}}}", False, "power with too many digits"),
+    ],
+)
+def test_unscorable_gold_uses_the_reward_readers(gold, numeric, reason):
+    from grpo_lab.data import unscorable_gold
+
+    why = unscorable_gold(gold, numeric=numeric)
+    assert (why is None) if reason is None else (reason in why)
+
+
+def test_fit_prompts_refuses_or_drops_long_prompts(tmp_path):
+    from grpo_lab.config import ConfigError, DataConfig
+    from grpo_lab.data import fit_prompts
+    from grpo_lab.errors import DataError
+    from grpo_lab.tiny import build_tokenizer
+
+    tok = build_tokenizer()  # one token per character, no special tokens added
+    problems = [
+        Problem("1+1=", "2", "a", where="f.jsonl: row 1"),
+        Problem("1" * 30 + "=", "1", "b"),
+    ]
+    fit = dict(tokenizer=tok, context=20, max_new_tokens=6, what="training")
+    # budget 20 - 6 = 14 tokens: "1+1=" fits, the 31-character question does not
+    with pytest.raises(DataError, match=r"1 training prompt\(s\) do not fit .* b: 31 tokens"):
+        fit_prompts(problems, data=DataConfig(), **fit)
+    kept = fit_prompts(problems, data=DataConfig(max_prompt_tokens=10), **fit)
+    assert [p.id for p in kept] == ["a"]
+    with pytest.raises(ConfigError, match="data.max_prompt_tokens=15"):
+        fit_prompts(problems, data=DataConfig(max_prompt_tokens=15), **fit)
+    with pytest.raises(ConfigError, match="rollout.max_new_tokens=20"):
+        fit_prompts(problems, data=DataConfig(), **{**fit, "max_new_tokens": 20})
