@@ -68,6 +68,8 @@ from typing import Any
 
 import yaml
 
+from grpo_lab.plots import MISSING, Line, figure_class, line_plot
+
 logger = logging.getLogger("grpo_lab")
 
 SWEEP_KEYS = (
@@ -1220,10 +1222,9 @@ def _write_plots(
     out: Path, groups: list[GroupSummary], target: float | None
 ) -> tuple[list[Path], str | None]:
     """PNG plots next to the report; (files, a note when plotting was not possible)."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        return [], "Plots skipped: matplotlib is not installed (`pip install grpo_lab[bench]`)."
+    Figure = figure_class()
+    if Figure is None:
+        return [], f"Plots skipped: {MISSING}."
     colors = {g.group: f"C{i % 10}" for i, g in enumerate(groups)}
     plots = []
     for x in ("step", "wallclock"):
@@ -1263,24 +1264,22 @@ def _plot_curves(Figure, path, groups, colors, x: str, target: float | None) -> 
     if not metrics:
         return False
     metric = "reward/accuracy" if "reward/accuracy" in metrics else metrics.pop()
-    fig = Figure(figsize=(7, 4.2), layout="constrained")
-    ax = fig.subplots()
+    lines = []
     for g in groups:
         steps, walls, means, halves = _mean_curve([r for r in g.runs if r.curve_metric == metric])
         xs = steps if x == "step" else walls
-        ax.plot(xs, means, color=colors[g.group], label=f"{g.group} (n={g.n_seeds})")
-        band = [(xv, m - h, m + h) for xv, m, h in zip(xs, means, halves) if not math.isnan(h)]
-        if band:
-            bx, lo, hi = zip(*band)
-            ax.fill_between(bx, lo, hi, color=colors[g.group], alpha=0.2, linewidth=0)
-    if target is not None and metric == "reward/accuracy":
-        ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
-    ax.set_xlabel("optimizer step" if x == "step" else "wall-clock (s, cumulative step time)")
-    ax.set_ylabel(f"{metric} ({TARGET_WINDOW}-step moving avg)")
-    ax.set_title(f"{metric} vs {'step' if x == 'step' else 'wall-clock'}: mean ± 95% CI over seeds")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=110)
+        lines.append(Line(f"{g.group} (n={g.n_seeds})", xs, means, halves, color=colors[g.group]))
+    show_target = target is not None and metric == "reward/accuracy"
+    line_plot(
+        Figure,
+        path,
+        lines,
+        xlabel="optimizer step" if x == "step" else "wall-clock (s, cumulative step time)",
+        ylabel=f"{metric} ({TARGET_WINDOW}-step moving avg)",
+        title=f"{metric} vs {'step' if x == 'step' else 'wall-clock'}: mean ± 95% CI over seeds",
+        hline=target if show_target else None,
+        hline_label=f"target {target:g}" if show_target else None,
+    )
     return True
 
 

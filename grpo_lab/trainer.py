@@ -44,7 +44,7 @@ from grpo_lab.checkpoint import (
 )
 from grpo_lab.config import Config, ConfigError, save_config
 from grpo_lab.data import PromptSampler, load_problems, render_prompt
-from grpo_lab.evaluation import evaluate
+from grpo_lab.evaluation import eval_plan, evaluate
 from grpo_lab.harness import (
     Harness,
     MetricsWriter,
@@ -72,6 +72,8 @@ from grpo_lab.rollout import (
     gather_params_for_generation,
     generate,
 )
+from grpo_lab.samples import SampleLog, sample_records
+from grpo_lab.trackers import init_kwargs
 
 logger = logging.getLogger("grpo_lab")
 
@@ -137,8 +139,21 @@ class Trainer:
             accelerator=self.acc if cfg.harness.report_to else None,
             enabled=self.acc.is_main_process,
         )
+        self.samples = SampleLog(
+            self.out_dir,
+            start_step=self.global_step,
+            every=cfg.harness.sample_every,
+            num_prompts=cfg.harness.sample_prompts,
+            last_step=cfg.trainer.max_steps,
+            accelerator=self.acc if cfg.harness.report_to else None,
+            enabled=self.acc.is_main_process,
+        )
         if cfg.harness.report_to:
-            self.acc.init_trackers("grpo_lab", config=None)
+            self.acc.init_trackers(
+                "grpo_lab",
+                config=None,
+                init_kwargs=init_kwargs(cfg.harness.report_to, cfg.output_dir),
+            )
 
     # ------------------------------------------------------------------ setup
     def _peak_override(self) -> float | None:
@@ -151,9 +166,9 @@ class Trainer:
         self.train_problems = load_problems(
             d.name, split="train", path=d.path, seed=self.cfg.seed, **arith
         )
-        self.eval_problems = load_problems(
-            d.name, split="test", path=d.eval_path, limit=d.num_eval, seed=self.cfg.seed, **arith
-        )
+        # The same problems and settings as `grpo-lab eval RUN` (evaluation.eval_plan).
+        self.eval_plan = eval_plan(self.cfg)
+        self.eval_problems = self.eval_plan.problems()
         B = self.cfg.rollout.prompts_per_step  # divisible by the process count (Config.validate)
         # Every rank draws the same global batch (same seed) and keeps its own slice of prompts:
         # a prompt's G samples always live on one rank, so group statistics need no gather.
@@ -392,9 +407,8 @@ class Trainer:
             batch = self._rollout([p.question for p in problems])
         with self._phase("reward"):
             golds = [p.answer for p in problems for _ in range(cfg.rollout.group_size)]
-            results = score_batch(
-                decode_completions(self.tokenizer, batch), golds, timeout_s=cfg.reward.timeout_s
-            )
+            texts = decode_completions(self.tokenizer, batch)
+            results = score_batch(texts, golds, timeout_s=cfg.reward.timeout_s)
             rewards = torch.tensor(
                 [r.score for r in results], dtype=torch.float32, device=batch.completion_ids.device
             )
@@ -412,6 +426,19 @@ class Trainer:
         record.update(self._experience_metrics(exp))
         record.update(train_metrics)
         record.update(h.end_step())
+        if self.samples.due(self.global_step):  # outside the step's timing
+            self.samples.write(
+                sample_records(
+                    self.global_step,
+                    problems=problems,
+                    batch=batch,
+                    completions=texts,
+                    results=results,
+                    advantages=exp.advantages,
+                    tokenizer=self.tokenizer,
+                    num_prompts=cfg.harness.sample_prompts,
+                )
+            )
         return record
 
     def _local_problems(self, problems):
@@ -775,7 +802,6 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Greedy held-out accuracy; each process scores its share of the eval problems."""
-        cfg = self.cfg
         local = self.eval_problems[self.rank :: self.world]
         correct = 0.0
         model = self.generation_model
@@ -786,14 +812,9 @@ class Trainer:
                     model,
                     self.tokenizer,
                     local,
-                    max_new_tokens=cfg.rollout.max_new_tokens,
                     k=1,
-                    template=cfg.data.template,
-                    use_chat_template=cfg.data.use_chat_template,
-                    system_prompt=cfg.data.system_prompt,
-                    batch_size=cfg.rollout.batch_size or 256,
-                    timeout_s=cfg.reward.timeout_s,
                     backend=self.rollout_backend,
+                    **self.eval_plan.settings(),
                 )
                 correct = res["eval/greedy_acc"] * len(local)
         s = self._global_sum(torch.tensor([correct, float(len(local))], device=self.acc.device))
