@@ -117,7 +117,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
     try:
         show(args.run, plot=args.plot, plot_dir=args.plot_dir, chars=args.chars)
     except RunFolderError as e:
-        raise SystemExit(f"grpo-lab: {e}") from None
+        print(f"grpo-lab: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
