@@ -14,7 +14,7 @@ def test_help_lists_every_command(capsys):
         build_parser().parse_args(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("train", "eval", "demo", "sweep", "merge", "config"):
+    for command in ("train", "eval", "show", "demo", "sweep", "merge", "config"):
         assert command in out
 
 
