@@ -85,6 +85,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
     )
     problems = plan.problems()
+    if not problems:
+        print(
+            f"grpo-lab: no {plan.dataset} problems to evaluate (limit {plan.limit}); "
+            "pass --limit N",
+            file=sys.stderr,
+        )
+        return 2
     m = run_cfg.model if run_cfg is not None else None
     remote = bool(m and m.trust_remote_code)
     tokenizer = load_tokenizer(model_path, trust_remote_code=remote)
