@@ -19,23 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from accelerate.tracking import get_available_trackers
+from accelerate.utils import LoggerType
 
 from grpo_lab.config import ConfigError
 
 #: Trackers with an extra of their own in pyproject.toml.
 EXTRAS = ("tensorboard", "wandb", "trackio")
-#: Every name accelerate knows ("all" = every installed one).
-KNOWN = (
-    "tensorboard",
-    "wandb",
-    "trackio",
-    "aim",
-    "comet_ml",
-    "mlflow",
-    "clearml",
-    "dvclive",
-    "swanlab",
-)
+#: Every tracker name accelerate knows (besides "all": every installed one).
+KNOWN = tuple(name for name in LoggerType.list() if name != "all")
 
 
 def require_trackers(names: Sequence[str]) -> None:
