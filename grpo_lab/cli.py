@@ -2,6 +2,7 @@
 
     grpo-lab train RECIPE.yaml [key=value ...]     train (GRPO / PPO-head / PPO-critic)
     grpo-lab eval MODEL_OR_RUN [--dataset arith]   held-out greedy / pass@1 / maj@k accuracy
+    grpo-lab show RUN [--plot]                     a run's status, latest samples, curves
     grpo-lab demo                                  every objective, same time budget, tiny model
     grpo-lab sweep SWEEP.yaml                      GRPO-vs-PPO ablation: runs, report.md, plots
     grpo-lab merge RUN_OR_ADAPTER OUT              fold a LoRA adapter into its base model
@@ -81,45 +82,67 @@ def _resolve_model(model_or_run: str):
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from grpo_lab.data import load_problems
-    from grpo_lab.evaluation import evaluate
+    from grpo_lab.evaluation import eval_plan, evaluate
     from grpo_lab.models import load_causal_lm, load_tokenizer
+    from grpo_lab.rollout import build_backend
 
     model_path, run_cfg = _resolve_model(args.model)
-    data = run_cfg.data if run_cfg is not None else None
-    dataset = args.dataset or (data.name if data else "arith")
-    arith = {}
-    if data is not None and dataset == "arith":
-        arith = {
-            "max_value": data.max_value,
-            "num_operands": data.num_operands,
-            "ops": tuple(data.ops),
-        }
-    problems = load_problems(
-        dataset, split=args.split, path=args.path, limit=args.limit, seed=args.seed, **arith
+    plan = eval_plan(
+        run_cfg,
+        dataset=args.dataset,
+        split=args.split,
+        path=args.path,
+        limit=args.limit,
+        seed=args.seed,
+        template=args.template,
+        max_new_tokens=args.max_new_tokens,
     )
-    template = args.template or (
-        data.template if data else ("plain" if dataset == "arith" else "gsm8k")
+    problems = plan.problems()
+    if not problems:
+        print(
+            f"grpo-lab: no {plan.dataset} problems to evaluate (limit {plan.limit}); "
+            "pass --limit N",
+            file=sys.stderr,
+        )
+        return 2
+    m = run_cfg.model if run_cfg is not None else None
+    remote = bool(m and m.trust_remote_code)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=remote)
+    model = load_causal_lm(
+        model_path,
+        dtype=args.dtype or (m.dtype if m else "float32"),
+        attn_implementation=m.attn_implementation if m else None,
+        trust_remote_code=remote,
     )
-    max_new = args.max_new_tokens or (run_cfg.rollout.max_new_tokens if run_cfg else 6)
-    tokenizer = load_tokenizer(model_path)
-    model = load_causal_lm(model_path, dtype=args.dtype)
-    problems = _fit_eval_prompts(problems, tokenizer, model, data, template, max_new)
+    max_new = plan.max_new_tokens
+    problems = _fit_eval_prompts(
+        problems, tokenizer, model, run_cfg.data if run_cfg else None, plan.template, max_new
+    )
     if args.device:
         model.to(args.device)
     result = evaluate(
         model,
         tokenizer,
         problems,
-        max_new_tokens=max_new,
         k=args.k,
         temperature=args.temperature,
-        template=template,
-        use_chat_template=bool(data.use_chat_template) if data else False,
+        backend=build_backend(plan.backend, sampler=plan.sampler),
+        **plan.settings(),
     )
     for key, value in result.items():
         print(f"{key:>20s}  {value:.4f}")
-    print(json.dumps({"model": model_path, "dataset": dataset, **result}))
+    print(json.dumps({"model": model_path, "dataset": plan.dataset, "path": plan.path, **result}))
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from grpo_lab.show import RunFolderError, show
+
+    try:
+        show(args.run, plot=args.plot, plot_dir=args.plot_dir, chars=args.chars)
+    except RunFolderError as e:
+        print(f"grpo-lab: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -228,7 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="held-out accuracy of a model or a finished run",
         description="Greedy pass@1, and with --k > 1 sampled pass@1, maj@k and pass@k, "
         "on a held-out split. MODEL_OR_RUN is a hub name, a local model folder, "
-        "`builtin:tiny-arith`, or a run folder (its final/ model and its data settings).",
+        "`builtin:tiny-arith`, or a run folder: its final/ model, scored on the problems the "
+        "run's own evaluation scores (dataset, data.eval_path, data.num_eval, seed), with its "
+        "prompt template, system prompt, max_new_tokens, rollout engine and dtype. "
+        "Flags override the run's settings.",
     )
     p.add_argument("model", metavar="MODEL_OR_RUN")
     p.add_argument(
@@ -237,9 +263,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="dataset name (default: the run's, else arith)",
     )
-    p.add_argument("--path", default=None, help="local JSONL for gsm8k/math")
-    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
+    p.add_argument(
+        "--path", default=None, help="local JSONL for gsm8k/math (default: the run's file)"
+    )
+    p.add_argument(
+        "--split",
+        default=None,
+        help="split to evaluate (default: test; a run's test split is its data.eval_path)",
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="evaluate only the first N problems (default: the run's data.num_eval, else all)",
+    )
     p.add_argument(
         "--k",
         type=int,
@@ -251,10 +288,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-new-tokens", type=int, default=None, help="default: the run's rollout.max_new_tokens"
     )
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="default: the run's model.dtype, else float32",
+    )
     p.add_argument("--device", default=None, help="e.g. cuda:0 (default: cpu)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=None, help="arith problems' seed (default: the run's, else 0)"
+    )
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "show",
+        help="a run's status, latest completion samples and (--plot) curves",
+        description="Prints where a run is (step, reward and accuracy at the start and now, "
+        "entropy, KL, step time, memory, held-out accuracy, time left) and its latest "
+        "completion samples from samples.jsonl, each with its status, reward, advantage, "
+        "length and answer. Works on a finished run and on one still running. --plot writes "
+        "PNG curves of reward, accuracy, entropy, KL, clip fraction, step time and memory "
+        "against steps into RUN/plots/.",
+    )
+    p.add_argument("run", metavar="RUN", help="a training run's output_dir")
+    p.add_argument("--plot", action="store_true", help="write PNG curves (needs matplotlib)")
+    p.add_argument("--plot-dir", default=None, help="where --plot writes (default: RUN/plots)")
+    p.add_argument(
+        "--chars",
+        type=int,
+        default=240,
+        help="longest prompt / completion shown; longer ones keep their start and end",
+    )
+    p.set_defaults(func=_cmd_show)
 
     p = sub.add_parser(
         "demo",

@@ -361,7 +361,13 @@ class HarnessConfig:
     peak_tflops: float | None = None
     """Peak TFLOP/s used for MFU; null = look the device up."""
     report_to: list[str] = field(default_factory=list)
-    """Accelerate trackers to log to, e.g. ["tensorboard", "wandb"]."""
+    """Trackers to log to through accelerate, e.g. ["tensorboard", "wandb"]; each needs its
+    package (pip install 'grpo_lab[tensorboard]', '[wandb]', '[trackio]'), checked at start-up."""
+    sample_every: int = 10
+    """Write completion samples to samples.jsonl (and as a table to the trackers) every this many
+    training steps and at the last step; 0 = the last step only."""
+    sample_prompts: int = 2
+    """Prompts per sample, each with all its rollout.group_size completions; 0 = no samples."""
 
 
 @dataclass
@@ -490,6 +496,8 @@ _BOUNDS: tuple[tuple[str, str, float], ...] = (
     ("divergence.entropy_max", "<=", 1),
     ("divergence.entropy_min", ">=", 0),
     ("divergence.patience", ">=", 1),
+    ("harness.sample_every", ">=", 0),
+    ("harness.sample_prompts", ">=", 0),
 )
 
 

@@ -19,10 +19,15 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_obj
 from torch import Tensor, nn
 
 from grpo_lab.config import Config
+from grpo_lab.trackers import require_trackers
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
-    """The run's accelerator (trackers from ``harness.report_to``, project dir = output dir)."""
+    """The run's accelerator (trackers from ``harness.report_to``, project dir = output dir).
+
+    A tracker that is not installed stops here (accelerate would drop it without a word).
+    """
+    require_trackers(cfg.harness.report_to)
     # NOTE: on CPU, DeepSpeed + several processes needs an explicit gloo process group, or every
     # rank believes it is rank 0 of 1.
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -7,18 +7,125 @@ Majority vote (maj@k): the k sampled answers of a problem are grouped by their e
 (whitespace and thousands separators removed); the largest group wins, ties going to the answer
 seen first; samples without an answer do not vote. maj@k is the fraction of problems whose winning
 answer is correct. pass@k is the fraction with at least one correct sample.
+
+:func:`eval_plan` says what a run evaluates on and how (problems, prompt template, token
+budget); the trainer's own evaluation and ``grpo-lab eval RUN`` both take it from there, so they
+score the same prompts the same way.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from grpo_lab.data import Problem, render_prompt
+from grpo_lab.config import Config
+from grpo_lab.data import Problem, load_problems, render_prompt
 from grpo_lab.rewards import score_batch
 from grpo_lab.rollout import RolloutBackend, decode_completions, generate
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """Which held-out problems to score, and the :func:`evaluate` settings to score them with."""
+
+    dataset: str
+    split: str = "test"
+    path: str | None = None  # local file; None = generated (arith) or the hub
+    limit: int | None = None  # the first `limit` problems; None = all
+    seed: int = 0
+    arith: dict[str, Any] = field(default_factory=dict)  # make_arith settings (arith only)
+    template: str = "plain"
+    use_chat_template: bool = False
+    system_prompt: str | None = None
+    max_new_tokens: int = 6
+    timeout_s: float = 2.0
+    batch_size: int = 256
+    backend: str = "shared_prefix"  # a name in grpo_lab.rollout.ROLLOUT_BACKENDS
+    sampler: str = "multinomial"
+
+    def problems(self) -> list[Problem]:
+        return load_problems(
+            self.dataset,
+            split=self.split,
+            path=self.path,
+            limit=self.limit,
+            seed=self.seed,
+            **self.arith,
+        )
+
+    def settings(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`evaluate` (all but the rollout engine)."""
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "template": self.template,
+            "use_chat_template": self.use_chat_template,
+            "system_prompt": self.system_prompt,
+            "batch_size": self.batch_size,
+            "timeout_s": self.timeout_s,
+        }
+
+
+def eval_plan(
+    cfg: Config | None,
+    *,
+    dataset: str | None = None,
+    split: str | None = None,
+    path: str | None = None,
+    limit: int | None = None,
+    seed: int | None = None,
+    template: str | None = None,
+    max_new_tokens: int | None = None,
+) -> EvalPlan:
+    """The evaluation of run config ``cfg`` (the one its trainer runs), with any argument that
+    is not None overriding it.
+
+    From the run: the dataset, its evaluation file (``data.eval_path``; ``data.path`` for
+    ``split="train"``), ``data.num_eval`` problems, the arithmetic settings and seed, the prompt
+    template, chat template and system prompt, ``rollout.max_new_tokens``, the rollout engine and
+    ``reward.timeout_s``. Another ``dataset`` than the run's takes none of the run's files or
+    arithmetic settings. Without a run (``cfg=None``): arith, all problems, the dataset's own
+    template (plain / gsm8k), 6 new tokens.
+    """
+    if cfg is None:
+        name = dataset or "arith"
+        plan = EvalPlan(dataset=name, template="plain" if name == "arith" else "gsm8k")
+    else:
+        d, r = cfg.data, cfg.rollout
+        same_data = dataset is None or dataset == d.name
+        split_path = {"test": d.eval_path, "train": d.path}.get(split or "test")
+        plan = EvalPlan(
+            dataset=d.name if same_data else dataset,
+            path=split_path if same_data else None,
+            limit=d.num_eval,
+            seed=cfg.seed,
+            arith=(
+                {"max_value": d.max_value, "num_operands": d.num_operands, "ops": tuple(d.ops)}
+                if same_data and d.name == "arith"
+                else {}
+            ),
+            template=d.template,
+            use_chat_template=d.use_chat_template,
+            system_prompt=d.system_prompt,
+            max_new_tokens=r.max_new_tokens,
+            timeout_s=cfg.reward.timeout_s,
+            batch_size=r.batch_size or 256,
+            backend=r.backend,
+            sampler=r.sampler,
+        )
+    overrides = {
+        "split": split,
+        "path": path,
+        "limit": limit,
+        "seed": seed,
+        "template": template,
+        "max_new_tokens": max_new_tokens,
+    }
+    return dataclasses.replace(plan, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def _vote_key(answer: str) -> str:

@@ -428,12 +428,18 @@ class MetricsWriter:
         self.close()
 
     @staticmethod
-    def read(path: str | os.PathLike) -> list[dict[str, Any]]:
-        """All records of a metrics file; a malformed line raises ValueError naming file:line."""
+    def read(path: str | os.PathLike, *, live: bool = False) -> list[dict[str, Any]]:
+        """All records of a metrics file; a malformed line raises ValueError naming file:line.
+
+        ``live=True`` reads a file a running job may be writing: a last line without its
+        newline is a record still being written and is left out.
+        """
         file = _metrics_file(path)
         records = []
         with open(file, encoding="utf-8") as f:
             for lineno, line in enumerate(f, start=1):
+                if live and not line.endswith("\n"):
+                    break  # only the last line can lack its newline
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:

@@ -55,7 +55,7 @@ from grpo_lab.data import (
     render_prompt,
 )
 from grpo_lab.errors import DivergenceError, disk_full_error, is_out_of_space
-from grpo_lab.evaluation import evaluate
+from grpo_lab.evaluation import eval_plan, evaluate
 from grpo_lab.guards import (
     divergence_advice,
     entropy_alarm,
@@ -91,6 +91,8 @@ from grpo_lab.rollout import (
     reads_values,
 )
 from grpo_lab.runs import claim_output_dir, clear_run
+from grpo_lab.samples import SampleLog, sample_records
+from grpo_lab.trackers import init_kwargs
 
 logger = logging.getLogger("grpo_lab")
 
@@ -178,8 +180,21 @@ class Trainer:
             accelerator=self.acc if cfg.harness.report_to else None,
             enabled=self.acc.is_main_process,
         )
+        self.samples = SampleLog(
+            self.out_dir,
+            start_step=self.global_step,
+            every=cfg.harness.sample_every,
+            num_prompts=cfg.harness.sample_prompts,
+            last_step=cfg.trainer.max_steps,
+            accelerator=self.acc if cfg.harness.report_to else None,
+            enabled=self.acc.is_main_process,
+        )
         if cfg.harness.report_to:
-            self.acc.init_trackers("grpo_lab", config=None)
+            self.acc.init_trackers(
+                "grpo_lab",
+                config=None,
+                init_kwargs=init_kwargs(cfg.harness.report_to, cfg.output_dir),
+            )
 
     # ------------------------------------------------------------------ setup
     def _peak_override(self) -> float | None:
@@ -190,6 +205,8 @@ class Trainer:
         self.train_problems, self.eval_problems = load_run_problems(
             self.cfg.data, seed=self.cfg.seed
         )
+        # The same problems (validated above) and settings as `grpo-lab eval RUN`.
+        self.eval_plan = eval_plan(self.cfg)
 
     def _fit_prompts(self) -> None:
         """Refuse (or, with data.max_prompt_tokens, drop) prompts longer than the model's
@@ -460,7 +477,8 @@ class Trainer:
             batch = self._rollout([p.question for p in problems])
         with self._phase("reward"):
             golds = [p.answer for p in problems for _ in range(cfg.rollout.group_size)]
-            results = self.reward_fn(decode_completions(self.tokenizer, batch), golds)
+            texts = decode_completions(self.tokenizer, batch)
+            results = self.reward_fn(texts, golds)
             rewards = torch.tensor(
                 [r.score for r in results], dtype=torch.float32, device=batch.completion_ids.device
             )
@@ -479,6 +497,19 @@ class Trainer:
         record.update(self._experience_metrics(exp))
         record.update(train_metrics)
         record.update(h.end_step())
+        if self.samples.due(self.global_step):  # outside the step's timing
+            self.samples.write(
+                sample_records(
+                    self.global_step,
+                    problems=problems,
+                    batch=batch,
+                    completions=texts,
+                    results=results,
+                    advantages=exp.advantages,
+                    tokenizer=self.tokenizer,
+                    num_prompts=cfg.harness.sample_prompts,
+                )
+            )
         return record
 
     def _check_finite(self, when: str) -> None:
@@ -895,7 +926,6 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Greedy held-out accuracy; each process scores its share of the eval problems."""
-        cfg = self.cfg
         local = self.eval_problems[self.rank :: self.world]
         correct = 0.0
         model = self.policy  # as prepared: under ZeRO-3 the engine, see _rollout
@@ -906,14 +936,9 @@ class Trainer:
                     model,
                     self.tokenizer,
                     local,
-                    max_new_tokens=cfg.rollout.max_new_tokens,
                     k=1,
-                    template=cfg.data.template,
-                    use_chat_template=cfg.data.use_chat_template,
-                    system_prompt=cfg.data.system_prompt,
-                    batch_size=cfg.rollout.batch_size or 256,
-                    timeout_s=cfg.reward.timeout_s,
                     backend=self.rollout_backend,
+                    **self.eval_plan.settings(),
                 )
                 correct = res["eval/greedy_acc"] * len(local)
         s = self._global_sum(torch.tensor([correct, float(len(local))], device=self.acc.device))

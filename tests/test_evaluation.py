@@ -49,3 +49,61 @@ def test_greedy_accuracy_matches_a_per_problem_loop():
     assert result["eval/n"] == len(problems)
     assert 0.0 < result["eval/pass@1"] <= result["eval/pass@4"] <= 1.0
     assert result["eval/maj@4"] <= result["eval/pass@4"]
+
+
+def test_eval_plan_follows_the_run_and_flags_override():
+    from grpo_lab.config import load_config
+    from grpo_lab.evaluation import eval_plan
+
+    cfg = load_config(
+        None,
+        [
+            "data.name=gsm8k",
+            "data.path=/d/train.jsonl",
+            "data.eval_path=/d/test.jsonl",
+            "data.num_eval=7",
+            "data.template=gsm8k",
+            "rollout.max_new_tokens=99",
+            "rollout.backend=hf",
+            "rollout.batch_size=4",
+            "reward.timeout_s=5.0",
+            "seed=3",
+        ],
+    )
+    plan = eval_plan(cfg)
+    assert (plan.dataset, plan.split, plan.path, plan.limit, plan.seed, plan.arith) == (
+        "gsm8k", "test", "/d/test.jsonl", 7, 3, {}
+    )  # fmt: skip
+    assert plan.settings() == {
+        "max_new_tokens": 99,
+        "template": "gsm8k",
+        "use_chat_template": False,
+        "system_prompt": None,
+        "batch_size": 4,
+        "timeout_s": 5.0,
+    }
+    assert (plan.backend, plan.sampler) == ("hf", "multinomial")
+    assert eval_plan(cfg, split="train").path == "/d/train.jsonl"
+    flagged = eval_plan(cfg, path="/x.jsonl", limit=2, template="boxed", max_new_tokens=5)
+    assert (flagged.path, flagged.limit, flagged.template, flagged.max_new_tokens) == (
+        "/x.jsonl", 2, "boxed", 5
+    )  # fmt: skip
+    # Another dataset than the run's takes none of the run's files.
+    assert eval_plan(cfg, dataset="math").path is None
+    assert eval_plan(cfg, dataset="math", path="/m.jsonl").path == "/m.jsonl"
+
+    arith = load_config(None, ["data.max_value=9", "data.num_operands=3", "data.ops=[+, '-']"])
+    assert eval_plan(arith).arith == {"max_value": 9, "num_operands": 3, "ops": ("+", "-")}
+    assert eval_plan(arith).problems() == make_arith(
+        512, seed=0, split="test", max_value=9, num_operands=3, ops=("+", "-")
+    )
+    assert eval_plan(arith, dataset="gsm8k").arith == {}
+    # A model without a run: the dataset's own template, all problems, 6 new tokens.
+    bare = eval_plan(None)
+    assert (bare.dataset, bare.template, bare.limit, bare.max_new_tokens) == (
+        "arith",
+        "plain",
+        None,
+        6,
+    )
+    assert eval_plan(None, dataset="gsm8k").template == "gsm8k"

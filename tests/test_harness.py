@@ -394,3 +394,15 @@ def test_cuda_phase_peaks():
     assert not any(key.startswith("mem/rss") for key in out)
     if h.peak_flops is not None:
         assert "perf/mfu" in out
+
+
+def test_metrics_read_live_leaves_out_a_record_being_written(tmp_path):
+    file = tmp_path / "metrics.jsonl"
+    file.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    assert MetricsWriter.read(file, live=True) == [{"step": 1}, {"step": 2}]
+    with pytest.raises(ValueError, match="metrics.jsonl:3"):
+        MetricsWriter.read(file)
+    # A bad line that has its newline was written whole: still an error.
+    file.write_text('{"step": 1}\n{"ste\n{"step": 2}\n')
+    with pytest.raises(ValueError, match="metrics.jsonl:2"):
+        MetricsWriter.read(file, live=True)

@@ -166,13 +166,13 @@ def _launch(recipe_args: list[str], log: Path) -> subprocess.Popen:
 
 def test_sigkill_then_resume_matches_uninterrupted_run(tiny_model_dir, tmp_path):
     """A run killed with SIGKILL after step 3 and resumed with resume=auto (from its step-2
-    checkpoint) writes the same metrics rows and ends with the same parameters as a run that
-    was never interrupted."""
+    checkpoint) writes the same metrics rows and completion samples and ends with the same
+    parameters as a run that was never interrupted."""
     common = [
         "recipes/tiny_arith_ppo_head.yaml", f"model.name_or_path={tiny_model_dir}",
         "trainer.max_steps=5", "checkpoint.every=2", "checkpoint.keep=2", "data.num_eval=8",
         "rollout.prompts_per_step=4", "rollout.group_size=4", "trainer.micro_batch_size=8",
-        "trainer.progress_bar=false", "trainer.warmup_steps=0",
+        "trainer.progress_bar=false", "trainer.warmup_steps=0", "harness.sample_every=1",
     ]  # fmt: skip
     root = Path(__file__).resolve().parents[1]
     os.chdir(root)
@@ -204,6 +204,10 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_model_dir, tmp_path)
     clean_rows = _stable(MetricsWriter.read(clean / "metrics.jsonl"))
     resumed_rows = _stable(MetricsWriter.read(killed / "metrics.jsonl"))
     assert resumed_rows == clean_rows
+    # The completion samples of the steps redone after the checkpoint are not written twice.
+    clean_samples = MetricsWriter.read(clean / "samples.jsonl")
+    assert [r["step"] for r in clean_samples] == [s for s in range(1, 6) for _ in range(2 * 4)]
+    assert MetricsWriter.read(killed / "samples.jsonl") == clean_samples
 
     from safetensors.torch import load_file
 
