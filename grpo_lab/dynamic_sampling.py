@@ -37,10 +37,12 @@ def sample_with_signal(
     max_extra_rounds: int,
     global_sum: Callable[[Tensor], Tensor],
     pad_id: int,
-) -> tuple[RolloutBatch, Tensor, list, dict[str, float]]:
+) -> tuple[RolloutBatch, Tensor, list, dict[str, float], Round]:
     """Draw rounds until this and every other process hold ``groups_wanted`` groups with signal,
     or ``max_extra_rounds`` extra rounds have run; return this process's batch of exactly
-    ``groups_wanted`` groups, its rewards and results, and the step's metrics.
+    ``groups_wanted`` groups, its rewards and results, the step's metrics, and everything the
+    rounds sampled as one round (for reward statistics and token counts that describe what the
+    policy produced, not the filtered selection).
 
     ``draw()`` runs one rollout round of this process's share of prompts and scores it;
     ``signal(batch, rewards)`` -> [groups] bool marks groups worth training on
@@ -89,4 +91,11 @@ def sample_with_signal(
         "rollout/extra_rounds": float(len(rounds) - 1),
     }
     rows_dev = rows.to(rewards.device)
-    return batch.select(rows_dev), rewards[rows_dev], [results[i] for i in rows.tolist()], metrics
+    chosen_results = [results[i] for i in rows.tolist()]
+    return (
+        batch.select(rows_dev),
+        rewards[rows_dev],
+        chosen_results,
+        metrics,
+        (batch, rewards, results),
+    )

@@ -390,22 +390,23 @@ class Trainer:
     def step(self) -> dict[str, float]:
         cfg, h = self.cfg, self.harness
         h.start_step()
+        # `sampled`: everything rolled out this step; the batch trained on may be a selection.
         sampling_metrics = {}
         if cfg.rollout.dynamic_sampling:
-            batch, rewards, results, sampling_metrics = self._sample_with_signal()
+            batch, rewards, results, sampling_metrics, sampled = self._sample_with_signal()
         else:
-            batch, rewards, results = self._sample_round()
+            batch, rewards, results = sampled = self._sample_round()
         exp = self._make_experience(batch, rewards)
         with self._phase("update"):
             train_metrics = self._update(exp)
         h.add_tokens(
-            generated=int(batch.completion_mask.sum()),
+            generated=int(sampled[0].completion_mask.sum()),
             trained=int(batch.attention_mask.sum()) * cfg.trainer.epochs,
             samples=batch.num_sequences,
         )
         self.global_step += 1
         record = {"step": self.global_step}
-        record.update(self._reward_metrics(batch, rewards, results))
+        record.update(self._reward_metrics(*sampled))
         record.update(sampling_metrics)
         record.update(self._experience_metrics(exp))
         record.update(train_metrics)
