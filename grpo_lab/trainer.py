@@ -2,13 +2,17 @@
 
 One optimizer step (``Trainer.step``), read top to bottom:
 
-    sample prompts -> rollout (G completions each) -> reward -> old log-probs (only when the
+    sample prompts -> rollout (G completions each) -> reward (with ``rollout.dynamic_sampling``:
+    more rounds until enough groups have signal) -> old log-probs (only when the
     batch is used for more than one optimizer step) -> reference log-probs (only when
     ``loss.kl_coef > 0``) -> values (PPO) -> advantages (registry) -> epochs x minibatches x
     micro-batches of policy loss (+ value loss, + KL in the loss) -> grad clip -> optimizer.
 
 The maths lives in :mod:`grpo_lab.algos`; this module only orchestrates it. Launch it with
 ``grpo-lab train RECIPE [key=value ...]`` or ``accelerate launch -m grpo_lab.train RECIPE``.
+Every step compares the rollout engine's log-probs with the training forward's
+(``rollout/logprob_*``) from log-probs already computed: the old-log-prob pass when there is one,
+else the update's own forward of the rows it runs (at that point the sampling policy's).
 
 Departures from the papers, on purpose:
 - Loss normalisation is owned here, once: every loss is aggregated with token / sequence counts
