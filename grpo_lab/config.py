@@ -576,6 +576,12 @@ def _check_relations(cfg: Config, num_processes: int) -> None:
             f"got {est_name}: only group-relative advantages vanish when a group's rewards agree",
             ["rollout.dynamic_sampling", "advantage.estimator"],
         )
+    if cfg.loss.mask_truncated and cfg.rollout.ignore_eos:
+        raise ConfigError(
+            "loss.mask_truncated with rollout.ignore_eos would mask every completion out of the "
+            "loss (each one runs to max_new_tokens); turn one of them off",
+            ["loss.mask_truncated", "rollout.ignore_eos"],
+        )
     if cfg.reward.overlong_buffer > cfg.rollout.max_new_tokens:
         raise ConfigError(
             f"reward.overlong_buffer ({cfg.reward.overlong_buffer}) must be <= "

@@ -638,6 +638,8 @@ class Trainer:
         tokens, seqs, run_tokens = self._global_sum(
             torch.stack([mask[idx].sum(), mask.new_tensor(len(idx)), mask[rows].sum()]).float()
         )
+        # loss.mask_truncated can leave a minibatch without a token: its loss is then 0, not NaN.
+        tokens, run_tokens = tokens.clamp(min=1), run_tokens.clamp(min=1)
         counts = {
             "num_tokens": tokens,
             "num_seqs": seqs,
@@ -683,9 +685,9 @@ class Trainer:
             }
             stats.update({f"policy/{k}": v for k, v in pg_metrics.items()})
             mismatch = algos.logprob_mismatch(old_logp, b.sampling_logp, m)
-            stats["rollout/logprob_diff_mean"] = mismatch["abs_sum"] / run_tokens.clamp(min=1)
+            stats["rollout/logprob_diff_mean"] = mismatch["abs_sum"] / run_tokens
             stats["rollout/logprob_diff_max"] = mismatch["abs_max"]
-            stats["rollout/logprob_kl"] = mismatch["kl_sum"] / run_tokens.clamp(min=1)
+            stats["rollout/logprob_kl"] = mismatch["kl_sum"] / run_tokens
             if exp.ref_logp is not None:
                 kl = algos.kl_penalty(out.logp, exp.ref_logp[mi], kind=L.kl_estimator)
                 stats["policy/kl_ref"] = algos.aggregate(kl, m, "token-mean", **token_mean)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -652,7 +653,12 @@ def test_overlong_shaping_and_truncation_mask_reach_the_experience(tiny_model_di
     assert torch.equal(lengths[~batch.truncated], batch.completion_lengths[~batch.truncated])
     torch.testing.assert_close(masked.advantages, plain.advantages)
     totals, _ = trainer.accumulate_gradients(masked, torch.arange(batch.num_sequences))
-    assert torch.isfinite(totals["loss/total"])
+    assert torch.isfinite(totals["loss/total"]) and totals["loss/total"] != 0
+    # Every completion truncated: nothing left to train on, a zero loss rather than NaN.
+    nothing = torch.zeros_like(batch.completion_mask)
+    empty = dataclasses.replace(masked, batch=dataclasses.replace(batch, completion_mask=nothing))
+    totals, _ = trainer.accumulate_gradients(empty, torch.arange(batch.num_sequences))
+    assert all(torch.isfinite(v) for v in totals.values()) and totals["loss/total"] == 0
 
 
 def test_entropy_bonus_is_subtracted_from_the_loss(tiny_model_dir, tmp_path):
