@@ -19,6 +19,7 @@ Conventions:
     - Losses are normalised only by ``aggregate``; see its docstring for gradient accumulation.
 """
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -27,6 +28,8 @@ from torch import Tensor
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_KINDS = ("k1", "k2", "k3")
 ADVANTAGE_SCALES = ("group", "batch", "none")
+ROLLOUT_IS_MODES = ("truncate", "mask")
+ROLLOUT_IS_LEVELS = ("token", "sequence")
 
 
 # ----------------------------------------------------------------------------- masked helpers
@@ -243,6 +246,138 @@ def aggregate(
     raise ValueError(f"unknown aggregation mode {mode!r}; valid: {', '.join(AGG_MODES)}")
 
 
+# ----------------------------------------------------------------------------- DAPO shaping
+@torch.no_grad()
+def groups_with_signal(rewards: Tensor, group_size: int) -> Tensor:
+    """DAPO dynamic sampling's filter (Yu et al. 2025, arXiv:2503.14476, eq. 11's constraint
+    ``0 < |{o_i : is_equivalent(a, o_i)}| < G``, generalised to any reward): rewards [N] ->
+    keep [B] bool, True for a group whose G rewards are not all equal.
+
+    A group with identical rewards has group-relative advantage exactly 0 (``group_advantages``,
+    ``rloo_advantages``), so it adds nothing to the policy gradient but still counts in the loss
+    normaliser; dynamic sampling drops it and samples more prompts instead.
+    """
+    r = _groups(rewards, group_size)  # [B, G]
+    return (r != r[:, :1]).any(-1)
+
+
+@torch.no_grad()
+def overlong_penalty(lengths: Tensor, *, max_len: int, buffer: int, penalty: float = 1.0) -> Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, arXiv:2503.14476, eq. 13), a reward term.
+
+    lengths [N] (completion tokens) -> [N] float32, added to the task reward:
+        0                                   if |y| <= L_max - L_cache
+        penalty * ((L_max - L_cache) - |y|) / L_cache    if L_max - L_cache < |y| <= L_max
+        -penalty                            if |y| > L_max
+    with ``L_max = max_len`` and ``L_cache = buffer`` (the paper uses penalty 1). ``buffer=0``
+    gives 0 everywhere (off).
+    """
+    if buffer < 0 or buffer > max_len:
+        raise ValueError(f"buffer must be in [0, max_len={max_len}], got {buffer}")
+    lengths = lengths.float()
+    if buffer == 0:
+        return torch.zeros_like(lengths)
+    start = max_len - buffer
+    ramp = (start - lengths).clamp(max=0) / buffer  # [N] in [-1, 0] up to max_len
+    return penalty * torch.where(lengths > max_len, -1.0, ramp)
+
+
+def mask_truncated(mask: Tensor, truncated: Tensor) -> Tensor:
+    """DAPO's overlong filtering (Yu et al. 2025, arXiv:2503.14476, section 3.4): the loss mask
+    [N, T] with every row of a truncated completion (truncated [N] bool) set to 0, so a
+    completion cut off at ``max_new_tokens`` neither contributes to the loss nor counts in its
+    normaliser."""
+    return mask * (~truncated.bool())[:, None].to(mask.dtype)
+
+
+# ----------------------------------------------------------------------------- rollout vs training
+@torch.no_grad()
+def logprob_mismatch(train_logp: Tensor, sampling_logp: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """How far the rollout engine's log-probs are from the training forward's, on the tokens the
+    engine sampled. train_logp, sampling_logp, mask [N, T] -> local 0-dim sums and max:
+
+        ``abs_sum``: sum over valid tokens of |log pi_train - log pi_sampler|;
+        ``abs_max``: the largest of those (0 with no valid token);
+        ``kl_sum``:  sum of the k3 estimate of KL(pi_sampler || pi_train) on tokens drawn from
+                     the sampler (Schulman 2020): ``rho - 1 - log rho``, rho = pi_train /
+                     pi_sampler, as ``kl_penalty(sampling_logp, train_logp, "k3")`` but written
+                     ``expm1(log rho) - log rho`` and clamped at 0, so that differences near
+                     float precision do not come out as rounding noise below 0;
+        ``tokens``:  the number of valid tokens.
+    Sums rather than means, so callers can add them over micro-batches and processes and divide
+    once by the global count.
+    """
+    mask = mask.bool()
+    log_rho = torch.where(mask, train_logp - sampling_logp, 0)  # [N, T]
+    diff = log_rho.abs()  # [N, T]
+    kl = (torch.expm1(log_rho) - log_rho).clamp(min=0)  # [N, T], 0 at padding
+    return {
+        "abs_sum": diff.sum(),
+        "abs_max": diff.max() if diff.numel() else diff.new_zeros(()),
+        "kl_sum": kl.sum(),
+        "tokens": mask.sum().to(diff.dtype),
+    }
+
+
+@torch.no_grad()
+def rollout_is_weights(
+    train_logp: Tensor,
+    sampling_logp: Tensor,
+    mask: Tensor,
+    *,
+    mode: str = "truncate",
+    level: str = "token",
+    cap: float = 2.0,
+) -> Tensor:
+    """Importance weights that correct for the rollout engine sampling from a slightly different
+    policy than the one the trainer computes: train_logp, sampling_logp, mask [N, T] -> [N, T]
+    detached weights (0 at padding) that multiply the per-token policy loss.
+
+    ``rho = pi_train / pi_sampler`` per token (``level="token"``) or per sequence
+    (``level="sequence"``: the product over its valid tokens, the same value on each token).
+        ``mode="truncate"``: ``min(rho, cap)``, truncated importance sampling (TIS; Yao et al.
+            2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training").
+        ``mode="mask"``: ``rho * 1[rho <= cap]``, masked importance sampling (MIS; Liu et al.
+            2025, "When Speed Kills Stability"): a token or sequence past the cap is dropped from
+            the gradient (it still counts in the normaliser, so the loss is not rescaled).
+    When the two log-probs are equal every weight is exactly 1 (``cap >= 1``).
+    """
+    if mode not in ROLLOUT_IS_MODES:
+        raise ValueError(f"mode must be one of {ROLLOUT_IS_MODES}, got {mode!r}")
+    if level not in ROLLOUT_IS_LEVELS:
+        raise ValueError(f"level must be one of {ROLLOUT_IS_LEVELS}, got {level!r}")
+    if cap < 1:
+        raise ValueError(f"cap must be >= 1, got {cap}")
+    mask = mask.bool()
+    log_rho = torch.where(mask, train_logp - sampling_logp, 0)  # [N, T]
+    if level == "sequence":
+        log_rho = log_rho.sum(-1, keepdim=True).expand_as(log_rho)  # [N, T]
+    log_cap = math.log(cap)
+    if mode == "truncate":
+        weights = log_rho.clamp(max=log_cap).exp()  # exp of min(log rho, log cap): no overflow
+    else:
+        weights = torch.where(log_rho <= log_cap, log_rho.clamp(max=log_cap).exp(), 0)
+    return torch.where(mask, weights, 0)
+
+
+# ----------------------------------------------------------------------------- entropy bonus
+def entropy_bonus(
+    entropy: Tensor,
+    mask: Tensor,
+    *,
+    coef: float,
+    agg: str = "token-mean",
+    num_tokens: Tensor | int | None = None,
+    num_seqs: Tensor | int | None = None,
+    norm_constant: Tensor | float | None = None,
+) -> Tensor:
+    """The entropy bonus of PPO (Schulman et al. 2017, eq. 9, ``+ c2 * S[pi](s_t)``) as a term to
+    add to a loss to minimise: entropy, mask [N, T] -> ``-coef * aggregate(entropy, mask, agg)``
+    (0-dim), reduced with the same counts as the policy loss."""
+    counts = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm_constant=norm_constant)
+    return -coef * aggregate(entropy, mask, agg, **counts)
+
+
 # ----------------------------------------------------------------------------- policy losses
 def _clipped_surrogate(
     ratio: Tensor,  # [N, T] importance ratio the objective uses
@@ -254,6 +389,7 @@ def _clipped_surrogate(
     dual_clip: float | None,
     agg: str,
     counts: dict,
+    weights: Tensor | None = None,  # [N, T] detached per-token loss weights; None = all 1
 ) -> tuple[Tensor, dict[str, Tensor]]:
     adv = advantages[:, None] if advantages.ndim == 1 else advantages  # [N, 1] or [N, T]
     if adv.ndim != 2 or adv.shape[0] != ratio.shape[0] or adv.shape[1] not in (1, ratio.shape[1]):
@@ -267,6 +403,8 @@ def _clipped_surrogate(
     if dual_clip is not None:
         capped = torch.minimum(per_token, -adv * dual_clip)
         per_token = torch.where(adv < 0, capped, per_token)
+    if weights is not None:
+        per_token = per_token * weights
     loss = aggregate(per_token, mask, agg, **counts)
 
     with torch.no_grad():
@@ -300,6 +438,7 @@ def policy_loss(
     num_tokens: Tensor | int | None = None,
     num_seqs: Tensor | int | None = None,
     norm_constant: Tensor | float | None = None,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise.
 
@@ -309,6 +448,8 @@ def policy_loss(
     ``clip_high`` defaults to ``clip_low``; a larger one is DAPO's clip-higher (Yu et al. 2025).
     ``dual_clip = c > 1`` caps the loss of A < 0 tokens at ``-A * c`` (Ye et al. 2020).
     The loss is reduced by ``aggregate(..., agg, num_tokens=, num_seqs=, norm_constant=)``.
+    ``weights`` [N, T] (detached, e.g. ``rollout_is_weights``) multiply the per-token loss
+    before it is reduced; None leaves it as is.
 
     Returns ``(loss 0-dim, metrics)``; metrics are detached 0-dim local masked token means:
     ``clipfrac`` (clipped branch active) = ``clipfrac_low`` (A < 0, ratio < 1 - clip_low) +
@@ -320,7 +461,16 @@ def policy_loss(
     log_ratio = torch.where(mask, logp - old_logp, 0)  # [N, T]
     counts = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm_constant=norm_constant)
     return _clipped_surrogate(
-        log_ratio.exp(), log_ratio, advantages, mask, clip_low, clip_high, dual_clip, agg, counts
+        log_ratio.exp(),
+        log_ratio,
+        advantages,
+        mask,
+        clip_low,
+        clip_high,
+        dual_clip,
+        agg,
+        counts,
+        weights,
     )
 
 
@@ -337,6 +487,7 @@ def gspo_loss(
     num_tokens: Tensor | int | None = None,
     num_seqs: Tensor | int | None = None,
     norm_constant: Tensor | float | None = None,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GSPO (Zheng et al. 2025): PPO's clipped surrogate on a sequence-level ratio.
 
@@ -354,7 +505,7 @@ def gspo_loss(
     ratio = (seq_log_ratio.detach()[:, None] + log_ratio - log_ratio.detach()).exp()  # [N, T]
     counts = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm_constant=norm_constant)
     return _clipped_surrogate(
-        ratio, log_ratio, advantages, mask, clip_low, clip_high, dual_clip, agg, counts
+        ratio, log_ratio, advantages, mask, clip_low, clip_high, dual_clip, agg, counts, weights
     )
 
 

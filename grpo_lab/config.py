@@ -194,6 +194,15 @@ class RolloutConfig:
     stream as transformers generate) or "inverse_cdf" (one uniform per row in the cumulative
     distribution: the same distribution, another stream; much cheaper on CPU with large
     vocabularies). Not with backend "hf"."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling (Yu et al. 2025, arXiv:2503.14476, eq. 11): drop the groups whose G
+    rewards are all equal (no group-relative signal) and sample further rounds of
+    prompts_per_step prompts until prompts_per_step groups with signal are found, or
+    max_extra_rounds rounds have run (the batch is then topped up with the dropped groups, which
+    train nothing). Group estimators (grpo, rloo) only."""
+    max_extra_rounds: int = 4
+    """Dynamic sampling: most extra rollout rounds per training step; 0 = filter only, never
+    resample."""
 
 
 @dataclass
@@ -204,6 +213,13 @@ class RewardConfig:
     """Seconds allowed to score one completion; a completion that runs over gets reward 0."""
     num_workers: int = 1
     """Worker processes that score completions."""
+    overlong_buffer: int = 0
+    """DAPO soft overlong punishment (Yu et al. 2025, arXiv:2503.14476, eq. 13): the last this
+    many tokens before rollout.max_new_tokens, over which a penalty grows linearly from 0 to
+    overlong_penalty and is subtracted from the reward (a completion's length counts its EOS);
+    0 = off."""
+    overlong_penalty: float = 1.0
+    """Soft overlong punishment: the penalty at rollout.max_new_tokens (the paper's is 1)."""
 
 
 @dataclass
@@ -229,7 +245,21 @@ class LossConfig:
     kl_mode: Literal["loss", "reward"] = "loss"
     """Where the KL goes: a loss term (GRPO) or a per-token reward penalty (classic PPO)."""
     entropy_coef: float = 0.0
-    """Weight of the entropy bonus (subtracted from the loss)."""
+    """Entropy bonus (PPO, Schulman et al. 2017, eq. 9): this weight times the policy's entropy,
+    aggregated like the policy loss (loss.agg), is subtracted from the loss; 0 = off."""
+    mask_truncated: bool = False
+    """DAPO overlong filtering (Yu et al. 2025, arXiv:2503.14476, section 3.4): completions cut
+    off at rollout.max_new_tokens are masked out of the loss and its normaliser (they still
+    count in their group's reward statistics)."""
+    rollout_is: Literal["truncate", "mask"] | None = None
+    """Correct for the rollout engine's log-probs differing from the training forward's: weight
+    each token's policy loss by rho = pi_train / pi_sampler, truncated at rollout_is_cap
+    ("truncate": TIS, Yao et al. 2025) or set to 0 above it ("mask": MIS, Liu et al. 2025);
+    null = off (the mismatch is still logged as rollout/logprob_*)."""
+    rollout_is_level: Literal["token", "sequence"] = "token"
+    """Importance ratio per token, or per sequence (the product over its tokens)."""
+    rollout_is_cap: float = 2.0
+    """Rollout correction: the cap C >= 1 on the importance ratio."""
 
 
 @dataclass
@@ -462,6 +492,10 @@ _BOUNDS: tuple[tuple[str, str, float], ...] = (
     ("rollout.batch_size", ">=", 1),
     ("reward.timeout_s", ">", 0),
     ("reward.num_workers", ">=", 1),
+    ("reward.overlong_buffer", ">=", 0),
+    ("reward.overlong_penalty", ">=", 0),
+    ("rollout.max_extra_rounds", ">=", 0),
+    ("loss.rollout_is_cap", ">=", 1),
     ("loss.clip_low", ">", 0),
     ("loss.clip_high", ">", 0),
     ("loss.dual_clip", ">", 1),
@@ -590,6 +624,24 @@ def _check_relations(cfg: Config, num_processes: int) -> None:
             f"rollout.sampler {cfg.rollout.sampler!r} needs one of grpo_lab's own engines "
             "(rollout.backend shared_prefix, static or compiled); 'hf' samples as generate does",
             ["rollout.sampler", "rollout.backend"],
+        )
+    if cfg.rollout.dynamic_sampling and estimator not in GROUP_ESTIMATORS:
+        raise ConfigError(
+            f"rollout.dynamic_sampling needs a group estimator ({sorted(GROUP_ESTIMATORS)}), "
+            f"got {est_name}: only group-relative advantages vanish when a group's rewards agree",
+            ["rollout.dynamic_sampling", "advantage.estimator"],
+        )
+    if cfg.loss.mask_truncated and cfg.rollout.ignore_eos:
+        raise ConfigError(
+            "loss.mask_truncated with rollout.ignore_eos would mask every completion out of the "
+            "loss (each one runs to max_new_tokens); turn one of them off",
+            ["loss.mask_truncated", "rollout.ignore_eos"],
+        )
+    if cfg.reward.overlong_buffer > cfg.rollout.max_new_tokens:
+        raise ConfigError(
+            f"reward.overlong_buffer ({cfg.reward.overlong_buffer}) must be <= "
+            f"rollout.max_new_tokens ({cfg.rollout.max_new_tokens})",
+            ["reward.overlong_buffer", "rollout.max_new_tokens"],
         )
     if cfg.model.lora.r > 0 and not cfg.model.lora.target_modules:
         raise ConfigError(

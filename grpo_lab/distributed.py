@@ -104,6 +104,13 @@ def global_max(acc: Accelerator, value: int) -> int:
     return int(acc.gather(torch.tensor([value], device=acc.device)).max())
 
 
+def global_amax(acc: Accelerator, x: Tensor) -> Tensor:
+    """Element-wise maximum of a tensor over all processes (identity on one process)."""
+    if acc.num_processes == 1:
+        return x
+    return acc.gather(x.to(acc.device)[None]).amax(0)
+
+
 def global_masked_stats(acc: Accelerator, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Masked mean and unbiased variance (0-dim each) of x [N, T] over every process's tokens."""
     m = mask.to(x.dtype)

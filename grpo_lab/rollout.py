@@ -1157,6 +1157,16 @@ def _concat_chunks(chunks: list[RolloutBatch], pad_id: int, group_size: int) -> 
     )
 
 
+def concat_batches(batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
+    """One batch holding the rows of ``batches`` in order (e.g. several rollout rounds of one
+    step), prompts left-padded and completions right-padded to the widest; masked values are
+    unchanged. Every batch must have the same ``group_size``."""
+    sizes = {b.group_size for b in batches}
+    if len(sizes) != 1:
+        raise ValueError(f"batches must share one group_size, got {sorted(sizes)}")
+    return _concat_chunks(list(batches), pad_id, sizes.pop())
+
+
 def _generation_config(d: Decoding) -> GenerationConfig:
     # NOTE: transformers fills every None field from the model's generation_config and then from
     # global defaults (top_k=50), so "off" must be spelled out: top_k=0, top_p=1.0, penalties 1.0.

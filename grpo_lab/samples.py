@@ -22,6 +22,7 @@ The file is written with :class:`grpo_lab.harness.MetricsWriter` and read with
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,15 @@ TABLE_COLUMNS = (
 def is_due(step: int, *, every: int, last_step: int) -> bool:
     """Whether training step ``step`` (1-based) is sampled: every ``every`` steps and the last."""
     return step == last_step or (every > 0 and step % every == 0)
+
+
+@dataclass(frozen=True)
+class ScoredRow(ScoreResult):
+    """A reward result that keeps its completion text and problem, so the rows of a selection
+    (e.g. dynamic sampling's) can still be written as samples."""
+
+    completion: str = ""
+    problem: Problem | None = None
 
 
 def sample_records(

@@ -2,7 +2,8 @@
 
 One optimizer step (``Trainer.step``), read top to bottom:
 
-    sample prompts -> rollout (G completions each) -> reward -> old log-probs (only when the
+    sample prompts -> rollout (G completions each) -> reward (with ``rollout.dynamic_sampling``:
+    more rounds until enough groups have signal) -> old log-probs (only when the
     batch is used for more than one optimizer step) -> reference log-probs (only when
     ``loss.kl_coef > 0``) -> values (PPO; a value head's are read during the rollout by engines
     that can) -> advantages (registry) -> epochs x minibatches x
@@ -10,6 +11,9 @@ One optimizer step (``Trainer.step``), read top to bottom:
 
 The maths lives in :mod:`grpo_lab.algos`; this module only orchestrates it. Launch it with
 ``grpo-lab train RECIPE [key=value ...]`` or ``accelerate launch -m grpo_lab.train RECIPE``.
+Every step compares the rollout engine's log-probs with the training forward's
+(``rollout/logprob_*``) from log-probs already computed: the old-log-prob pass when there is one,
+else the update's own forward of the rows it runs (at that point the sampling policy's).
 
 Departures from the papers, on purpose:
 - Loss normalisation is owned here, once: every loss is aggregated with token / sequence counts
@@ -21,6 +25,7 @@ Departures from the papers, on purpose:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -36,7 +41,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from grpo_lab import algos, distributed
+from grpo_lab import algos, distributed, dynamic_sampling
 from grpo_lab.checkpoint import (
     CheckpointError,
     apply_schedule,
@@ -91,10 +96,13 @@ from grpo_lab.rollout import (
     reads_values,
 )
 from grpo_lab.runs import claim_output_dir, clear_run
-from grpo_lab.samples import SampleLog, sample_records
+from grpo_lab.samples import SampleLog, ScoredRow, sample_records
 from grpo_lab.trackers import init_kwargs
 
 logger = logging.getLogger("grpo_lab")
+
+# Update diagnostics reduced by a maximum (over micro-batches, processes and updates), not a sum.
+_MAX_REDUCED = frozenset({"rollout/logprob_diff_max"})
 
 
 @dataclass
@@ -469,31 +477,25 @@ class Trainer:
     def step(self) -> dict[str, float]:
         cfg, h = self.cfg, self.harness
         h.start_step()
-        problems = self._local_problems(self.sampler.next_batch())
-
-        t = cfg.trainer
-        advice = divergence_advice(t.lr, t.warmup_steps, t.max_grad_norm)
-        with self._phase("rollout"), sampling_guard(f"step {self.global_step + 1}", advice):
-            batch = self._rollout([p.question for p in problems])
-        with self._phase("reward"):
-            golds = [p.answer for p in problems for _ in range(cfg.rollout.group_size)]
-            texts = decode_completions(self.tokenizer, batch)
-            results = self.reward_fn(texts, golds)
-            rewards = torch.tensor(
-                [r.score for r in results], dtype=torch.float32, device=batch.completion_ids.device
-            )
+        # `sampled`: everything rolled out this step; the batch trained on may be a selection.
+        sampling_metrics = {}
+        if cfg.rollout.dynamic_sampling:
+            batch, rewards, results, sampling_metrics, sampled = self._sample_with_signal()
+        else:
+            batch, rewards, results = sampled = self._sample_round()
         exp = self._make_experience(batch, rewards)
         with self._phase("update"):
             train_metrics = self._update(exp)
         self._check_finite(f"the update of step {self.global_step + 1}")
         h.add_tokens(
-            generated=int(batch.completion_mask.sum()),
+            generated=int(sampled[0].completion_mask.sum()),
             trained=int(batch.attention_mask.sum()) * cfg.trainer.epochs,
             samples=batch.num_sequences,
         )
         self.global_step += 1
         record = {"step": self.global_step}
-        record.update(self._reward_metrics(batch, rewards, results))
+        record.update(self._reward_metrics(*sampled))
+        record.update(sampling_metrics)
         record.update(self._experience_metrics(exp))
         record.update(train_metrics)
         record.update(h.end_step())
@@ -501,9 +503,9 @@ class Trainer:
             self.samples.write(
                 sample_records(
                     self.global_step,
-                    problems=problems,
+                    problems=[r.problem for r in results[:: cfg.rollout.group_size]],
                     batch=batch,
-                    completions=texts,
+                    completions=[r.completion for r in results],
                     results=results,
                     advantages=exp.advantages,
                     tokenizer=self.tokenizer,
@@ -511,6 +513,55 @@ class Trainer:
                 )
             )
         return record
+
+    def _sample_round(self) -> tuple[RolloutBatch, torch.Tensor, list[ScoredRow]]:
+        """One round of this process's share of the next prompts: rollout, then task rewards.
+        Each result keeps its completion text and problem, so a selection of rows (dynamic
+        sampling) still knows what it holds."""
+        cfg = self.cfg
+        problems = self._local_problems(self.sampler.next_batch())
+        t = cfg.trainer
+        advice = divergence_advice(t.lr, t.warmup_steps, t.max_grad_norm)
+        with self._phase("rollout"), sampling_guard(f"step {self.global_step + 1}", advice):
+            batch = self._rollout([p.question for p in problems])
+        with self._phase("reward"):
+            rows = [p for p in problems for _ in range(cfg.rollout.group_size)]
+            texts = decode_completions(self.tokenizer, batch)
+            results = [
+                ScoredRow(r.score, r.status, r.extracted, completion=text, problem=p)
+                for r, text, p in zip(self.reward_fn(texts, [p.answer for p in rows]), texts, rows)
+            ]
+            rewards = torch.tensor(
+                [r.score for r in results], dtype=torch.float32, device=batch.completion_ids.device
+            )
+        return batch, rewards, results
+
+    def _sample_with_signal(self):
+        """Rounds of `_sample_round` until the batch holds prompts_per_step groups with signal
+        (DAPO dynamic sampling; see grpo_lab.dynamic_sampling)."""
+        G = self.cfg.rollout.group_size
+        return dynamic_sampling.sample_with_signal(
+            self._sample_round,
+            lambda batch, rewards: algos.groups_with_signal(
+                self._training_rewards(batch, rewards), G
+            ),
+            groups_wanted=self.cfg.rollout.prompts_per_step // self.world,
+            max_extra_rounds=self.cfg.rollout.max_extra_rounds,
+            global_sum=self._global_sum,
+            pad_id=self.tokenizer.pad_token_id,
+        )
+
+    def _training_rewards(self, batch: RolloutBatch, rewards: torch.Tensor) -> torch.Tensor:
+        """The task rewards [N] plus DAPO's soft overlong punishment when it is on."""
+        rw = self.cfg.reward
+        if rw.overlong_buffer == 0:
+            return rewards
+        return rewards + algos.overlong_penalty(
+            batch.completion_lengths,
+            max_len=self.cfg.rollout.max_new_tokens,
+            buffer=rw.overlong_buffer,
+            penalty=rw.overlong_penalty,
+        )
 
     def _check_finite(self, when: str) -> None:
         """Stop before a rollout (or a checkpoint) sees non-finite weights; every rank stops."""
@@ -603,6 +654,7 @@ class Trainer:
 
     def _make_experience(self, batch: RolloutBatch, rewards: torch.Tensor) -> Experience:
         cfg = self.cfg
+        rewards = self._training_rewards(batch, rewards)
         mask = batch.completion_mask
         updates_per_batch = cfg.trainer.epochs * cfg.trainer.num_minibatches
         old_logp = old_values = ref_logp = None
@@ -659,6 +711,10 @@ class Trainer:
             advantages = algos.whiten(
                 advantages, mask, stats=self._global_masked_stats(advantages, mask)
             )
+        if cfg.loss.mask_truncated:  # after the advantages: truncated rows keep their rewards
+            batch = dataclasses.replace(
+                batch, completion_mask=algos.mask_truncated(mask, batch.truncated)
+            )
         return Experience(batch, rewards, old_logp, ref_logp, old_values, advantages, returns)
 
     # ------------------------------------------------------------------ update
@@ -681,12 +737,12 @@ class Trainer:
                 metrics, norm = self._optimizer_step(exp, idx)
                 grad_norms.append(norm)
                 for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + v
+                    sums[k] = max(sums.get(k, v), v) if k in _MAX_REDUCED else sums.get(k, 0.0) + v
                 n_updates += 1
         self.sched.step()
         if self.critic is not None:
             self.critic_sched.step()
-        out = {k: v / n_updates for k, v in sums.items()}
+        out = {k: v if k in _MAX_REDUCED else v / n_updates for k, v in sums.items()}
         out["optim/grad_norm"] = float(sum(grad_norms) / len(grad_norms))
         out["optim/lr"] = self.sched.get_last_lr()[0]
         out["optim/skipped_steps"] = self.skipped_total
@@ -702,8 +758,9 @@ class Trainer:
             critic_norm = self._clip_and_step(self.critic, self.critic_opt)
         # Losses were normalised by global counts, so their sum over micro-batches and processes
         # is the minibatch loss; the other diagnostics are per-micro-batch means, averaged.
-        summed = ("loss/", "policy/entropy", "policy/kl_ref")
-        keys = list(totals)
+        summed = ("loss/", "policy/entropy", "policy/kl_ref", "rollout/logprob_diff_mean")
+        summed += ("rollout/logprob_kl",)
+        keys = [k for k in totals if k not in _MAX_REDUCED]
         local = torch.stack(
             [
                 totals[k] if k.startswith(summed) else totals[k] / (n_micro * self.world)
@@ -711,6 +768,8 @@ class Trainer:
             ]
         )
         result = dict(zip(keys, self._global_sum(local).tolist()))
+        for k in _MAX_REDUCED & totals.keys():
+            result[k] = float(distributed.global_amax(self.acc, totals[k]))
         if critic_norm is not None:
             result["value/grad_norm"] = critic_norm  # already global (clipped over all ranks)
         return result, grad_norm
@@ -735,6 +794,8 @@ class Trainer:
         tokens, seqs, run_tokens = self._global_sum(
             torch.stack([mask[idx].sum(), mask.new_tensor(len(idx)), mask[rows].sum()]).float()
         )
+        # loss.mask_truncated can leave a minibatch without a token: its loss is then 0, not NaN.
+        tokens, run_tokens = tokens.clamp(min=1), run_tokens.clamp(min=1)
         counts = {
             "num_tokens": tokens,
             "num_seqs": seqs,
@@ -749,7 +810,18 @@ class Trainer:
             b = exp.batch.select(mi)
             m = b.completion_mask
             out = self._forward(self.policy, b, entropy=True)
+            # The training forward's log-probs of the sampling policy (its own, on one update).
             old_logp = exp.old_logp[mi] if exp.old_logp is not None else out.logp.detach()
+            is_weights = None
+            if L.rollout_is is not None:
+                is_weights = algos.rollout_is_weights(
+                    old_logp,
+                    b.sampling_logp,
+                    m,
+                    mode=L.rollout_is,
+                    level=L.rollout_is_level,
+                    cap=L.rollout_is_cap,
+                )
             pg_loss, pg_metrics = policy_loss_fn(
                 out.logp,
                 old_logp,
@@ -759,6 +831,7 @@ class Trainer:
                 clip_high=L.clip_high,
                 dual_clip=L.dual_clip,
                 agg=L.agg,
+                weights=is_weights,
                 **counts,
             )
             loss = pg_loss
@@ -767,6 +840,10 @@ class Trainer:
                 "policy/entropy": algos.aggregate(out.entropy, m, "token-mean", **token_mean),
             }
             stats.update({f"policy/{k}": v for k, v in pg_metrics.items()})
+            mismatch = algos.logprob_mismatch(old_logp, b.sampling_logp, m)
+            stats["rollout/logprob_diff_mean"] = mismatch["abs_sum"] / run_tokens
+            stats["rollout/logprob_diff_max"] = mismatch["abs_max"]
+            stats["rollout/logprob_kl"] = mismatch["kl_sum"] / run_tokens
             if exp.ref_logp is not None:
                 kl = algos.kl_penalty(out.logp, exp.ref_logp[mi], kind=L.kl_estimator)
                 stats["policy/kl_ref"] = algos.aggregate(kl, m, "token-mean", **token_mean)
@@ -775,7 +852,9 @@ class Trainer:
                     loss = loss + L.kl_coef * kl_loss
                     stats["loss/kl"] = kl_loss
             if L.entropy_coef:
-                loss = loss - L.entropy_coef * algos.aggregate(out.entropy, m, L.agg, **counts)
+                loss = loss + algos.entropy_bonus(
+                    out.entropy, m, coef=L.entropy_coef, agg=L.agg, **counts
+                )
             if self.value_mode == "head":
                 v_loss, v_metrics = self._value_loss(out.values, exp, mi, counts)
                 loss = loss + cfg.ppo.vf_coef * v_loss
@@ -790,7 +869,12 @@ class Trainer:
                 stats.update({f"value/{k}": v for k, v in v_metrics.items()})
                 self._backward(v_loss, self.critic, last)
             for k, v in stats.items():
-                totals[k] = totals.get(k, 0.0) + v.detach().float()
+                v = v.detach().float()
+                totals[k] = (
+                    torch.maximum(totals.get(k, v), v)
+                    if k in _MAX_REDUCED
+                    else totals.get(k, 0.0) + v
+                )
         return totals, len(micro)
 
     def _rows_with_signal(self, exp: Experience, idx: torch.Tensor) -> torch.Tensor:

@@ -584,3 +584,134 @@ def test_every_estimator_runs_with_the_one_signature():
 
 def test_module_has_no_item_calls():
     assert ".item()" not in inspect.getsource(algos)
+
+
+# ----------------------------------------------------------------------------- DAPO shaping
+def test_groups_with_signal_marks_groups_whose_rewards_differ():
+    rewards = torch.tensor([1.0, 1, 1, 1, 1, 0, 1, 1, 0, 0, 0, 0, 0.5, 0.5, 0.5, 0.25])
+    assert algos.groups_with_signal(rewards, 4).tolist() == [False, True, False, True]
+    # G = 1: one sample never disagrees with itself.
+    assert not algos.groups_with_signal(torch.tensor([0.0, 1.0]), 1).any()
+
+
+def test_groups_with_signal_agrees_with_zero_group_advantages():
+    torch.manual_seed(0)
+    rewards = torch.randint(0, 2, (64,)).float()
+    zero = (group_advantages(rewards, 4).view(-1, 4) == 0).all(-1)
+    assert torch.equal(algos.groups_with_signal(rewards, 4), ~zero)
+
+
+def test_overlong_penalty_hand_values():
+    # L_max = 6, L_cache = 2: no penalty up to 4 tokens, then (4 - |y|) / 2, -1 beyond 6.
+    lengths = torch.tensor([1, 4, 5, 6, 7])
+    out = algos.overlong_penalty(lengths, max_len=6, buffer=2)
+    assert out.tolist() == [0.0, 0.0, -0.5, -1.0, -1.0]
+    assert algos.overlong_penalty(lengths, max_len=6, buffer=2, penalty=0.5).tolist() == [
+        0.0, 0.0, -0.25, -0.5, -0.5,
+    ]  # fmt: skip
+    # L_cache = 4: (2 - |y|) / 4 from 3 tokens on.
+    assert algos.overlong_penalty(lengths, max_len=6, buffer=4).tolist() == [
+        0.0, -0.5, -0.75, -1.0, -1.0,
+    ]  # fmt: skip
+    assert algos.overlong_penalty(lengths, max_len=6, buffer=0).tolist() == [0.0] * 5
+    with pytest.raises(ValueError, match="buffer"):
+        algos.overlong_penalty(lengths, max_len=6, buffer=7)
+
+
+def test_mask_truncated_zeroes_truncated_rows_only():
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]])
+    truncated = torch.tensor([False, True, False])
+    out = algos.mask_truncated(mask, truncated)
+    assert out.tolist() == [[1, 1, 0], [0, 0, 0], [1, 0, 0]] and out.dtype == mask.dtype
+
+
+# ----------------------------------------------------------------------------- rollout vs training
+def test_logprob_mismatch_hand_values():
+    train = torch.tensor([[-1.0, -2.0, float("nan")], [-0.5, -3.0, -1.0]])
+    sampling = torch.tensor([[-1.5, -2.0, float("inf")], [-0.5, -2.8, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    out = algos.logprob_mismatch(train, sampling, mask)
+    # log rho = train - sampling on valid tokens: 0.5, 0, 0, -0.2 (padding ignored, even NaN/inf).
+    # k3 = rho - 1 - log rho: e^0.5 - 1.5 = 0.1487213, 0, 0, e^-0.2 - 0.8 = 0.0187308.
+    assert_close(out["abs_sum"], torch.tensor(0.7))
+    assert_close(out["abs_max"], torch.tensor(0.5))
+    assert_close(out["kl_sum"], torch.tensor(math.exp(0.5) - 1.5 + math.exp(-0.2) - 0.8))
+    assert out["tokens"] == 4
+
+
+def test_logprob_mismatch_is_zero_when_the_engines_agree():
+    torch.manual_seed(0)
+    logp = -torch.rand(4, 5) * 3
+    out = algos.logprob_mismatch(logp, logp.clone(), torch.ones(4, 5))
+    assert out["abs_sum"] == 0 and out["abs_max"] == 0 and out["kl_sum"] == 0
+
+
+def test_rollout_is_weights_hand_values():
+    # Row 0: token ratios 3, 0.5, 1.5 (product 2.25); row 1: 0.9 then padding.
+    sampling = torch.tensor([[-1.0, -1.0, -1.0], [-2.0, -2.0, -2.0]])
+    log_rho = torch.tensor([[math.log(3), math.log(0.5), math.log(1.5)], [math.log(0.9), 50, 50]])
+    train = sampling + log_rho
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+
+    def w(mode, level):
+        return algos.rollout_is_weights(train, sampling, mask, mode=mode, level=level, cap=2.0)
+
+    # TIS per token: min(rho, 2); MIS per token: rho if rho <= 2 else 0. Padding gets 0.
+    assert_close(w("truncate", "token"), torch.tensor([[2.0, 0.5, 1.5], [0.9, 0, 0]]))
+    assert_close(w("mask", "token"), torch.tensor([[0.0, 0.5, 1.5], [0.9, 0, 0]]))
+    # Per sequence: row 0's ratio 2.25 > 2 is truncated to 2 or masked to 0; row 1's is 0.9.
+    assert_close(w("truncate", "sequence"), torch.tensor([[2.0, 2.0, 2.0], [0.9, 0, 0]]))
+    assert_close(w("mask", "sequence"), torch.tensor([[0.0, 0.0, 0.0], [0.9, 0, 0]]))
+
+
+def test_rollout_is_weights_are_exactly_one_when_the_engines_agree():
+    torch.manual_seed(0)
+    logp = -torch.rand(3, 6) * 4
+    mask = torch.ones(3, 6)
+    mask[1, 4:] = 0
+    for mode in algos.ROLLOUT_IS_MODES:
+        for level in algos.ROLLOUT_IS_LEVELS:
+            w = algos.rollout_is_weights(logp, logp.clone(), mask, mode=mode, level=level, cap=1.0)
+            assert torch.equal(w, mask.float()), (mode, level)
+
+
+def test_rollout_is_weights_do_not_overflow_and_reject_bad_arguments():
+    train, sampling, mask = torch.tensor([[400.0, 0]]), torch.zeros(1, 2), torch.ones(1, 2)
+    for level in algos.ROLLOUT_IS_LEVELS:
+        w = algos.rollout_is_weights(train, sampling, mask, level=level, cap=3.0)
+        assert torch.isfinite(w).all() and w[0, 0] == 3.0
+    with pytest.raises(ValueError, match="cap"):
+        algos.rollout_is_weights(train, sampling, mask, cap=0.5)
+    with pytest.raises(ValueError, match="mode"):
+        algos.rollout_is_weights(train, sampling, mask, mode="clip")
+    with pytest.raises(ValueError, match="level"):
+        algos.rollout_is_weights(train, sampling, mask, level="group")
+
+
+@pytest.mark.parametrize("loss_fn", [policy_loss, gspo_loss])
+def test_policy_loss_weights_scale_each_token(loss_fn):
+    # On-policy (ratio 1): per-token loss -A. A = [1, -2], weights [[2, 0.5], [1, 0]]:
+    # token-mean = (-1*2 - 1*0.5 + 2*1 + 2*0) / 4 = -0.125; d loss / d logp = -A * w / 4.
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -1.5]], requires_grad=True)
+    adv, mask = torch.tensor([1.0, -2.0]), torch.ones(2, 2)
+    weights = torch.tensor([[2.0, 0.5], [1.0, 0.0]])
+    loss, _ = loss_fn(logp, logp.detach(), adv, mask, weights=weights)
+    assert_close(loss, torch.tensor(-0.125))
+    loss.backward()
+    assert_close(logp.grad, torch.tensor([[-0.5, -0.125], [0.5, 0.0]]))
+    # Weights of one change nothing, bit for bit.
+    ones, _ = loss_fn(logp, logp.detach() + 0.1, adv, mask, weights=torch.ones(2, 2))
+    none, _ = loss_fn(logp, logp.detach() + 0.1, adv, mask)
+    assert torch.equal(ones, none)
+
+
+# ----------------------------------------------------------------------------- entropy bonus
+def test_entropy_bonus_hand_values():
+    entropy = torch.tensor([[1.0, 2.0], [3.0, 7.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    # token-mean: -0.1 * (1 + 2 + 3) / 3 = -0.2; seq-mean-token-mean: -0.1 * (1.5 + 3) / 2.
+    assert_close(algos.entropy_bonus(entropy, mask, coef=0.1), torch.tensor(-0.2))
+    got = algos.entropy_bonus(entropy, mask, coef=0.1, agg="seq-mean-token-mean")
+    assert_close(got, torch.tensor(-0.225))
+    # Global counts as for the policy loss: 6 tokens in the whole minibatch.
+    assert_close(algos.entropy_bonus(entropy, mask, coef=0.1, num_tokens=6), torch.tensor(-0.1))

@@ -306,6 +306,9 @@ def test_config_error_is_a_value_error():
         ("trainer.adam_betas=[0.9, .inf]", "trainer.adam_betas: must be finite, got [0.9, inf]"),
         ("output_dir=''", "output_dir: must not be empty"),
         ("data.ops=[]", "data.ops: must not be empty"),
+        ("loss.rollout_is_cap=0.5", "loss.rollout_is_cap: must be >= 1, got 0.5"),
+        ("rollout.max_extra_rounds=-1", "rollout.max_extra_rounds: must be >= 0, got -1"),
+        ("reward.overlong_buffer=-1", "reward.overlong_buffer: must be >= 0, got -1"),
         (
             "trainer.adam_betas=[0.9]",
             "trainer.adam_betas: must be two numbers in [0, 1), got [0.9]",
@@ -350,6 +353,15 @@ def test_optional_bounds_skip_null():
             ["rollout.backend=hf", "rollout.sampler=inverse_cdf"],
             ["rollout.sampler", "rollout.backend"],
         ),
+        (
+            ["algorithm=ppo", "rollout.dynamic_sampling=true"],
+            ["rollout.dynamic_sampling", "advantage.estimator"],
+        ),
+        (["reward.overlong_buffer=7"], ["reward.overlong_buffer", "rollout.max_new_tokens"]),
+        (
+            ["loss.mask_truncated=true", "rollout.ignore_eos=true"],
+            ["loss.mask_truncated", "rollout.ignore_eos"],
+        ),
         # 16 prompts * 8 = 128 sequences do not split into 3 minibatches.
         (
             ["trainer.num_minibatches=3"],
@@ -378,6 +390,8 @@ def test_cross_field_errors_name_the_keys(overrides, keys):
         ["trainer.warmup_steps=101"],  # a short smoke run of a recipe with warm-up
         ["trainer.num_minibatches=4", "trainer.micro_batch_size=12"],  # ragged last micro-batch
         ["rollout.prompts_per_step=2", "trainer.micro_batch_size=32"],  # one short micro-batch
+        ["rollout.dynamic_sampling=true", "advantage.estimator=rloo", "reward.overlong_buffer=6"],
+        ["loss.rollout_is=mask", "loss.rollout_is_level=sequence", "loss.rollout_is_cap=1"],
     ],
 )
 def test_valid_combinations_pass(overrides):

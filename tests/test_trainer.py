@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -612,3 +613,129 @@ def test_max_time_s_stops_after_the_step_that_spends_the_budget(tiny_model_dir, 
     assert spent[-1] >= 100 and all(s < 100 for s in spent[:-1]), spent
     assert 1 < len(history) < 50
     assert spent == sorted(spent) and spent[-1] == sum(r["time/step_s"] for r in history)
+
+
+# ----------------------------------------------------------------------------- DAPO-era knobs
+def test_dapo_recipe_logs_refill_and_mismatch_metrics(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(
+        root / "recipes" / "tiny_arith_dapo.yaml",
+        [f"output_dir={tmp_path}", "trainer.max_steps=2", "data.num_eval=8"],
+    )
+    cfg.trainer.progress_bar = False
+    Trainer(cfg).train()
+    rows = [r for r in MetricsWriter.read(tmp_path / "metrics.jsonl") if "reward/mean" in r]
+    assert len(rows) == 2
+    B = cfg.rollout.prompts_per_step
+    for r in rows:
+        sampled, filtered = r["rollout/groups_sampled"], r["rollout/groups_filtered"]
+        assert sampled == B * (1 + r["rollout/extra_rounds"])
+        assert 0 <= filtered <= sampled and r["rollout/groups_with_signal"] <= B
+        assert r["rollout/groups_with_signal"] == min(B, sampled - filtered)
+        # fp32 on CPU: the rollout engine and the training forward agree to float precision.
+        assert 0 <= r["rollout/logprob_diff_mean"] <= r["rollout/logprob_diff_max"] < 1e-4
+        assert 0 <= r["rollout/logprob_kl"] < 1e-8
+
+
+def _policy_update(trainer, exp):
+    trainer.policy.zero_grad(set_to_none=True)
+    totals, _ = trainer.accumulate_gradients(exp, torch.arange(exp.batch.num_sequences))
+    return totals["loss/policy"], _grads(trainer.policy)
+
+
+def _experience_with_sampling_logp(tiny_model_dir, tmp_path, *extra):
+    """A trainer, and an experience whose sampling log-probs are exactly the training forward's
+    (the engines agree), with rewards that give every group signal."""
+    trainer = Trainer(small_config(tiny_model_dir, tmp_path, "trainer.micro_batch_size=2", *extra))
+    trainer.harness.start_step()
+    torch.manual_seed(11)
+    batch = trainer._rollout([p.question for p in trainer.sampler.next_batch()])
+    trainer.cfg.trainer.micro_batch_size = 8  # one forward, as the no-grad pass below
+    (train_logp,) = trainer._no_grad_forward(trainer.policy, batch, "logp")
+    batch.sampling_logp = train_logp * batch.completion_mask
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0])
+    return trainer, trainer._make_experience(batch, rewards)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("mode", ["truncate", "mask"])
+def test_rollout_correction_is_the_identity_when_the_engines_agree(
+    mode, level, tiny_model_dir, tmp_path
+):
+    trainer, exp = _experience_with_sampling_logp(tiny_model_dir, tmp_path)
+    loss_off, grads_off = _policy_update(trainer, exp)
+    L = trainer.cfg.loss
+    L.rollout_is, L.rollout_is_level, L.rollout_is_cap = mode, level, 1.0
+    loss_on, grads_on = _policy_update(trainer, exp)
+    assert loss_off != 0
+    torch.testing.assert_close(loss_on, loss_off)
+    for a, b in zip(grads_on, grads_off, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_injected_mismatch_metrics_and_correction_match_hand_values(tiny_model_dir, tmp_path):
+    """The sampler gives every sampled token 0.1 less log-prob than the trainer: rho = e^0.1.
+
+    Mismatch: mean and max |delta log p| = 0.1; k3 KL = e^0.1 - 1 - 0.1 = 0.00517092. On one
+    on-policy update the per-token loss is -A, so token-level TIS with cap 2 multiplies the
+    loss by e^0.1 = 1.10517, with cap 1.05 by 1.05, and MIS with cap 1.05 drops every token."""
+    trainer, exp = _experience_with_sampling_logp(tiny_model_dir, tmp_path)
+    exp.batch.sampling_logp = (exp.batch.sampling_logp - 0.1) * exp.batch.completion_mask
+    trainer.cfg.trainer.micro_batch_size = 2  # the reductions run over several micro-batches
+    loss_off, _ = _policy_update(trainer, exp)
+    L = trainer.cfg.loss
+    for mode, cap, scale in (("truncate", 2.0, math.exp(0.1)), ("truncate", 1.05, 1.05),
+                             ("mask", 1.05, 0.0)):  # fmt: skip
+        L.rollout_is, L.rollout_is_cap = mode, cap
+        loss_on, _ = _policy_update(trainer, exp)
+        torch.testing.assert_close(loss_on, loss_off * scale, msg=f"{mode} {cap}")
+    L.rollout_is = None
+    metrics = trainer._update(exp)
+    assert metrics["rollout/logprob_diff_mean"] == pytest.approx(0.1, rel=1e-5)
+    assert metrics["rollout/logprob_diff_max"] == pytest.approx(0.1, rel=1e-5)
+    assert metrics["rollout/logprob_kl"] == pytest.approx(math.exp(0.1) - 1.1, rel=1e-4)
+
+
+def test_overlong_shaping_and_truncation_mask_reach_the_experience(tiny_model_dir, tmp_path):
+    """max_new_tokens=3, overlong_buffer=2: a completion of 1 token gets 0, of 2 tokens
+    (1 - 2) / 2 = -0.5, of 3 tokens -1. With loss.mask_truncated the truncated rows leave the
+    loss mask, and every advantage stays what it is without the mask."""
+    trainer = Trainer(
+        small_config(
+            tiny_model_dir, tmp_path, "rollout.max_new_tokens=3", "reward.overlong_buffer=2"
+        )
+    )
+    trainer.harness.start_step()
+    torch.manual_seed(2)
+    batch = trainer._rollout([p.question for p in trainer.sampler.next_batch()])
+    assert batch.truncated.any() and not batch.truncated.all()
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0])
+    plain = trainer._make_experience(batch, rewards)
+    penalty = {1: 0.0, 2: -0.5, 3: -1.0}
+    expected = rewards + torch.tensor([penalty[int(n)] for n in batch.completion_lengths])
+    torch.testing.assert_close(plain.rewards, expected)
+    trainer.cfg.loss.mask_truncated = True
+    masked = trainer._make_experience(batch, rewards)
+    lengths = masked.batch.completion_mask.sum(1)
+    assert (lengths[batch.truncated] == 0).all()
+    assert torch.equal(lengths[~batch.truncated], batch.completion_lengths[~batch.truncated])
+    torch.testing.assert_close(masked.advantages, plain.advantages)
+    totals, _ = trainer.accumulate_gradients(masked, torch.arange(batch.num_sequences))
+    assert torch.isfinite(totals["loss/total"]) and totals["loss/total"] != 0
+    # Every completion truncated: nothing left to train on, a zero loss rather than NaN.
+    nothing = torch.zeros_like(batch.completion_mask)
+    empty = dataclasses.replace(masked, batch=dataclasses.replace(batch, completion_mask=nothing))
+    totals, _ = trainer.accumulate_gradients(empty, torch.arange(batch.num_sequences))
+    assert all(torch.isfinite(v) for v in totals.values()) and totals["loss/total"] == 0
+
+
+def test_entropy_bonus_is_subtracted_from_the_loss(tiny_model_dir, tmp_path):
+    """token-mean loss: total = policy - coef * entropy, entropy the token mean over every row
+    (the bonus turns off zero-advantage skipping)."""
+    trainer, exp = _experience_with_sampling_logp(
+        tiny_model_dir, tmp_path, "loss.entropy_coef=0.01"
+    )
+    trainer.cfg.trainer.micro_batch_size = 2
+    totals, _ = trainer.accumulate_gradients(exp, torch.arange(exp.batch.num_sequences))
+    expected = totals["loss/policy"] - 0.01 * totals["policy/entropy"]
+    torch.testing.assert_close(totals["loss/total"], expected)

@@ -1,0 +1,80 @@
+"""The tiny recipes' fixed-seed metrics do not drift: 10 steps of each, against a recorded file.
+
+Every optional knob defaults to off, so a change that is meant to leave existing runs alone must
+reproduce the recorded rewards, losses, gradient norms, entropies and clip fractions bit for bit.
+Timings, throughput and memory are not compared. The recorded numbers depend on the torch build
+and the CPU type, so the test runs only where they were recorded (``machine`` and ``torch`` in
+the file); regenerate the file with ``python tests/test_recipe_metrics.py`` only for a change
+that is meant to alter these runs, and say why in the commit.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = ROOT / "tests" / "golden" / "tiny_recipes_10_steps.json"
+RECIPES = ("tiny_arith_grpo", "tiny_arith_ppo_head", "tiny_arith_ppo_critic")
+OVERRIDES = (
+    "trainer.max_steps=10",
+    "trainer.log_every=1",
+    "trainer.progress_bar=false",
+    "data.num_eval=32",
+)
+NOT_COMPARED = ("time/", "perf/", "mem/", "static/")
+
+
+def environment() -> dict[str, str]:
+    return {
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "torch": torch.__version__,
+    }
+
+
+def run_recipe(recipe: str, out: Path) -> list[dict]:
+    """The metrics rows of a 10-step run of ``recipes/<recipe>.yaml``, minus timings and memory."""
+    from grpo_lab.config import load_config
+    from grpo_lab.harness import MetricsWriter
+    from grpo_lab.trainer import train
+
+    cfg = load_config(ROOT / "recipes" / f"{recipe}.yaml", [*OVERRIDES, f"output_dir={out}"])
+    train(cfg)
+    rows = MetricsWriter.read(out / "metrics.jsonl")
+    return [{k: v for k, v in r.items() if not k.startswith(NOT_COMPARED)} for r in rows]
+
+
+def _golden() -> dict:
+    return json.loads(GOLDEN.read_text())
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_metrics_match_the_recorded_run(recipe, tmp_path):
+    golden = _golden()
+    if golden["environment"] != environment():
+        pytest.skip(f"recorded on {golden['environment']}, this is {environment()}")
+    expected = golden["runs"][recipe]
+    got = run_recipe(recipe, tmp_path)
+    assert len(got) == len(expected)
+    for row, ref in zip(got, expected, strict=True):
+        # Keys added since the recording (new diagnostics) are allowed; recorded ones must match.
+        assert ref.keys() <= row.keys(), ref.keys() - row.keys()
+        assert {k: row[k] for k in ref} == ref, row.get("step")
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    runs = {}
+    for name in RECIPES:
+        with tempfile.TemporaryDirectory() as d:
+            runs[name] = run_recipe(name, Path(d))
+    GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+    GOLDEN.write_text(json.dumps({"environment": environment(), "runs": runs}, indent=1) + "\n")
+    print(f"wrote {GOLDEN}", file=sys.stderr)
