@@ -26,21 +26,9 @@ import torch
 
 from grpo_lab.cli import main
 from grpo_lab.harness import MetricsWriter
-from grpo_lab.tiny import build_model, build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "tiny_arith_grpo.yaml")
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> str:
-    """A random-init model with the embedded tokenizer (64 positions)."""
-    path = tmp_path_factory.mktemp("tiny_model")
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    build_model(tokenizer).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def _small(model: str, out: Path, *extra: str) -> list[str]:

@@ -12,7 +12,7 @@ from grpo_lab.harness import MetricsWriter
 from grpo_lab.rewards import ScoreResult, score_batch
 from grpo_lab.rollout import RolloutBatch
 from grpo_lab.samples import TABLE_COLUMNS, SampleLog, is_due, sample_records
-from grpo_lab.tiny import build_model, build_tokenizer
+from grpo_lab.tiny import build_tokenizer
 from grpo_lab.trainer import Trainer
 
 
@@ -129,16 +129,6 @@ def test_sample_log_resume_fresh_start_and_tracker_table(tmp_path):
     # A fresh run starts a fresh file.
     off = SampleLog(tmp_path, start_step=0, every=2, num_prompts=0, last_step=5)
     assert not file.exists() and not off.due(2) and not off.due(5)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny_model")
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    build_model(tokenizer).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def test_a_short_run_writes_samples_that_match_its_rollouts(tiny_model_dir, tmp_path):

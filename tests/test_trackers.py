@@ -8,14 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from grpo_lab import trackers
 from grpo_lab.cli import main
 from grpo_lab.config import ConfigError, load_config
 from grpo_lab.harness import MetricsWriter
 from grpo_lab.samples import TABLE_COLUMNS
-from grpo_lab.tiny import build_model, build_tokenizer
 from grpo_lab.trainer import Trainer
 
 
@@ -45,16 +43,6 @@ def test_train_with_a_missing_tracker_stops_at_start_with_one_line(monkeypatch, 
     assert rc == 2 and len(err) == 1, err
     assert "harness.report_to" in err[0] and "pip install 'grpo_lab[tensorboard]'" in err[0]
     assert not out.exists()  # nothing was started
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny_model")
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    build_model(tokenizer).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def _run(model_dir: str, out: Path, tracker: str) -> tuple[list[dict], list[dict]]:

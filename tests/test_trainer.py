@@ -18,7 +18,6 @@ import torch
 from grpo_lab import trainer as trainer_module
 from grpo_lab.config import load_config
 from grpo_lab.harness import MetricsWriter
-from grpo_lab.tiny import build_model, build_tokenizer
 from grpo_lab.trainer import Trainer
 
 OBJECTIVES = {
@@ -26,17 +25,6 @@ OBJECTIVES = {
     "ppo_head": ["algorithm=ppo", "ppo.value=head"],
     "ppo_critic": ["algorithm=ppo", "ppo.value=critic"],
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> str:
-    """A random-init model with the embedded tokenizer: fast to build, real enough to train."""
-    path = tmp_path_factory.mktemp("tiny_model")
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    build_model(tokenizer).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def small_config(model_dir: str, out: Path, *extra: str):
