@@ -43,7 +43,7 @@ The package, one module per job:
 - :mod:`.stats`: confidence intervals, moving averages, time to target, ratios;
 - :mod:`.summary`: each run's metrics and each variant's means over seeds (:class:`RunStats`,
   :class:`GroupSummary`) and ``summary.csv``;
-- :mod:`.plots`: the PNG plots (through :mod:`grpo_lab.plots`, shared with ``grpo-lab show``);
+- :mod:`.plots`: the PNG plots, and :func:`plot_metric_curves` for any metrics.jsonl records;
 - :mod:`.report`: ``report.md`` (:func:`aggregate_sweep`).
 """
 
@@ -65,6 +65,7 @@ from grpo_lab.sweep.plan import (
     load_sweep,
     plan_runs,
 )
+from grpo_lab.sweep.plots import plot_metric_curves
 from grpo_lab.sweep.report import aggregate_sweep
 from grpo_lab.sweep.run import SweepResult, run_command, run_sweep
 from grpo_lab.sweep.stats import (
@@ -119,6 +120,7 @@ __all__ = [
     "moving_average",
     "paired_ratio",
     "plan_runs",
+    "plot_metric_curves",
     "ratio",
     "read_metrics",
     "run_command",

@@ -1,20 +1,78 @@
 """PNG plots of a sweep, drawn with matplotlib's object API (no pyplot state, no display).
 
-A sweep's groups are drawn as mean curves over seeds with confidence bands, and bars of memory,
-step time by phase and throughput. Without matplotlib every function returns nothing and writes no file.
+:func:`plot_metric_curves` is the general one: metric curves against step (or any logged x such
+as cumulative step time) from metrics.jsonl records, one line per run. The others draw a
+sweep's groups: mean curves over seeds with confidence bands, and bars of memory, step time by
+phase and throughput. Without matplotlib every function returns nothing and writes no file.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from grpo_lab.plots import MISSING, figure_class
-from grpo_lab.sweep.stats import TARGET_WINDOW, mean_ci
+from grpo_lab.plots import MISSING, Line, figure_class, line_plot
+from grpo_lab.sweep.stats import TARGET_WINDOW, mean_ci, moving_average
 from grpo_lab.sweep.summary import GroupSummary, RunStats, phase_sorted
 
 NO_MATPLOTLIB = f"Plots skipped: {MISSING}."
+
+
+def _number(row: Mapping, key: str) -> float | None:
+    v = row.get(key)
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def plot_metric_curves(
+    runs: Mapping[str, Sequence[Mapping]],
+    metrics: Sequence[str],
+    path: str | Path,
+    *,
+    x: str = "step",
+    window: int = 1,
+    title: str | None = None,
+) -> Path | None:
+    """Plot ``metrics`` against ``x`` for each run: one panel per metric, one line per run.
+
+    ``runs`` maps a label to that run's metrics.jsonl records (``MetricsWriter.read``); a record
+    enters a panel when it holds finite numbers at both ``x`` and the metric, so evaluation
+    records draw their own curve under ``eval/*`` keys. ``window`` > 1 draws the trailing moving
+    average. Returns the written file, or None when matplotlib is missing or nothing was logged.
+    """
+    Figure = figure_class()
+    if Figure is None or not metrics:
+        return None
+    fig = Figure(figsize=(7, 2.6 * len(metrics) + 0.6), layout="constrained")
+    axes = fig.subplots(len(metrics), 1, squeeze=False)[:, 0]
+    drawn = False
+    for ax, metric in zip(axes, metrics):
+        for i, (label, records) in enumerate(runs.items()):
+            points = [
+                (xv, yv)
+                for r in records
+                if (xv := _number(r, x)) is not None and (yv := _number(r, metric)) is not None
+            ]
+            if not points:
+                continue
+            xs, ys = zip(*points)
+            ax.plot(xs, moving_average(ys, window), color=f"C{i % 10}", label=label)
+            drawn = True
+        ax.set_ylabel(metric if window == 1 else f"{metric}\n({window}-step moving avg)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    axes[-1].set_xlabel(x)
+    if title:
+        fig.suptitle(title)
+    if not drawn:
+        return None
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path
 
 
 def write_plots(
@@ -69,24 +127,22 @@ def _plot_curves(Figure, path, groups, colors, x: str, target: float | None) -> 
     if not metrics:
         return False
     metric = "reward/accuracy" if "reward/accuracy" in metrics else metrics.pop()
-    fig = Figure(figsize=(7, 4.2), layout="constrained")
-    ax = fig.subplots()
+    lines = []
     for g in groups:
         steps, walls, means, halves = _mean_curve([r for r in g.runs if r.curve_metric == metric])
         xs = steps if x == "step" else walls
-        ax.plot(xs, means, color=colors[g.group], label=f"{g.group} (n={g.n_seeds})")
-        band = [(xv, m - h, m + h) for xv, m, h in zip(xs, means, halves) if not math.isnan(h)]
-        if band:
-            bx, lo, hi = zip(*band)
-            ax.fill_between(bx, lo, hi, color=colors[g.group], alpha=0.2, linewidth=0)
-    if target is not None and metric == "reward/accuracy":
-        ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
-    ax.set_xlabel("optimizer step" if x == "step" else "wall-clock (s, cumulative step time)")
-    ax.set_ylabel(f"{metric} ({TARGET_WINDOW}-step moving avg)")
-    ax.set_title(f"{metric} vs {'step' if x == 'step' else 'wall-clock'}: mean ± 95% CI over seeds")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=110)
+        lines.append(Line(f"{g.group} (n={g.n_seeds})", xs, means, halves, color=colors[g.group]))
+    show_target = target is not None and metric == "reward/accuracy"
+    line_plot(
+        Figure,
+        path,
+        lines,
+        xlabel="optimizer step" if x == "step" else "wall-clock (s, cumulative step time)",
+        ylabel=f"{metric} ({TARGET_WINDOW}-step moving avg)",
+        title=f"{metric} vs {'step' if x == 'step' else 'wall-clock'}: mean ± 95% CI over seeds",
+        hline=target if show_target else None,
+        hline_label=f"target {target:g}" if show_target else None,
+    )
     return True
 
 
