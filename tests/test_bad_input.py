@@ -435,7 +435,12 @@ def test_full_disk_at_the_final_save_leaves_no_debris_and_stays_resumable(
     assert main(_small(tiny_model_dir, out, "trainer.max_steps=2", "checkpoint.every=1")) == 2
     line = _error_line(capsys)
     assert line.startswith("grpo-lab: disk full: ") and str(out) in line and "resume=auto" in line
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoints",
+        "config.yaml",
+        "metrics.jsonl",
+        "samples.jsonl",
+    ]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
         "step_0000001",
         "step_0000002",
