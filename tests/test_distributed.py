@@ -40,31 +40,19 @@ def _run(cmd: list[str], log: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    from grpo_lab.tiny import build_model, build_tokenizer
-
-    path = tmp_path_factory.mktemp("dist_model")
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    build_model(tokenizer).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def single_process(model_dir, tmp_path_factory) -> dict:
+def single_process(tiny_model_dir, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("single") / "single.pt"
     _run(
-        [sys.executable, str(SCRIPT), model_dir, str(out), "--objectives", OBJECTIVES],
+        [sys.executable, str(SCRIPT), tiny_model_dir, str(out), "--objectives", OBJECTIVES],
         out.with_suffix(".log"),
     )
     return torch.load(out)
 
 
 @pytest.mark.parametrize("zero", ["zero2_cpu", "zero3_cpu"])
-def test_two_processes_match_one(zero, model_dir, single_process, tmp_path):
+def test_two_processes_match_one(zero, tiny_model_dir, single_process, tmp_path):
     out = tmp_path / f"{zero}.pt"
-    args = [str(SCRIPT), model_dir, str(out), "--objectives", OBJECTIVES]
+    args = [str(SCRIPT), tiny_model_dir, str(out), "--objectives", OBJECTIVES]
     launching.run(zero, args, tmp_path / "logs", timeout=900)
     multi = torch.load(out)
     # Rows skipped (fraction of this process's rows): one process runs only group 0's 4 of 16

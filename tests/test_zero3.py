@@ -6,28 +6,14 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import torch
 from launching import ROOT, run
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    from grpo_lab.tiny import build_model, build_tokenizer
-
-    path = tmp_path_factory.mktemp("zero3_model")
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    build_model(tokenizer).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-def test_rollouts_make_the_same_collectives_on_every_rank(model_dir, tmp_path):
+def test_rollouts_make_the_same_collectives_on_every_rank(tiny_model_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     script = str(ROOT / "tests" / "zero3_rollout.py")
-    run("zero3_cpu", [script, model_dir, str(out)], tmp_path / "logs", timeout=600)
+    run("zero3_cpu", [script, tiny_model_dir, str(out)], tmp_path / "logs", timeout=600)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     for kind in ("lm", "value_head"):
         r0, r1 = ranks[0][kind], ranks[1][kind]
