@@ -167,19 +167,25 @@ def exit_code_for(exc: BaseException, *, prog: str = "grpo-lab", debug: bool = F
         else:
             target = f" while writing {where}" if where else ""
             message = f"no space left on the device{target} ({one_line(str(exc))[:200]})"
-        print(f"{_rank_prefix()}{prog}: disk full: {one_line(message)}", file=sys.stderr)
+        _say(f"{_rank_prefix()}{prog}: disk full: {one_line(message)}")
         return 2
     if isinstance(exc, PermissionError | IsADirectoryError) or (
         isinstance(exc, OSError) and exc.errno == errno.EROFS
     ):
         where = f" {exc.filename}" if exc.filename else ""
-        print(
+        _say(
             f"{_rank_prefix()}{prog}: permission denied{where} ({exc.strerror}); check the "
-            "permissions of output_dir and of the files named in the config",
-            file=sys.stderr,
+            "permissions of output_dir and of the files named in the config"
         )
         return 2
     if isinstance(exc, UserError):
-        print(f"{_rank_prefix()}{prog}: {exc.kind}: {one_line(str(exc))}", file=sys.stderr)
+        _say(f"{_rank_prefix()}{prog}: {exc.kind}: {one_line(str(exc))}")
         return exc.exit_code
     return None
+
+
+def _say(line: str) -> None:
+    """Write ``line`` and its newline to stderr in one call: ranks sharing the launcher's stderr
+    then never splice their lines together (``print`` writes the newline separately)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
