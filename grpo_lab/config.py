@@ -587,7 +587,7 @@ def _check_registered(key: str, value: str, registry: str) -> None:
     names = _registry_names(registry)
     if names is not None and value not in names:
         raise ConfigError(
-            f"{key}: must be one of {sorted(names)!r}, got {value!r}{_did_you_mean(value, names)}",
+            f"{key}: must be one of {sorted(names)!r}, got {value!r}{did_you_mean(value, names)}",
             [key],
         )
 
@@ -734,7 +734,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value in args and type(value) in {type(a) for a in args}:
             return value
         choices = list(args)
-        hint = _did_you_mean(value, [str(a) for a in args]) if isinstance(value, str) else ""
+        hint = did_you_mean(value, [str(a) for a in args]) if isinstance(value, str) else ""
         raise ConfigError(f"{key}: must be one of {choices!r}, got {value!r}{hint}", [key])
     if tp is bool:
         if isinstance(value, bool):
@@ -811,7 +811,8 @@ def _known_keys(cls: type) -> tuple[str, ...]:
     return tuple(keys)
 
 
-def _did_you_mean(word: str, candidates: Sequence[str] | set[str]) -> str:
+def did_you_mean(word: str, candidates: Sequence[str] | set[str]) -> str:
+    """' (did you mean X?)' with the closest of ``candidates``, or '' when none is close."""
     match = difflib.get_close_matches(word, list(candidates), n=1)
     return f" (did you mean {match[0]!r}?)" if match else ""
 
@@ -828,7 +829,7 @@ def _unknown_key(key: str) -> ConfigError:
     if leaf in by_leaf:
         hint = f" (did you mean {by_leaf[leaf]!r}?)"
     else:
-        hint = _did_you_mean(key, known)
+        hint = did_you_mean(key, known)
     if not hint:
         near = difflib.get_close_matches(leaf, list(by_leaf), n=1)
         hint = f" (did you mean {by_leaf[near[0]]!r}?)" if near else ""

@@ -622,14 +622,11 @@ def load_run_problems(data: Any, *, seed: int) -> tuple[list[Problem], list[Prob
     for the generated ``arith`` task, a missing file, a hub download while the hub cannot be
     reached (at once, not after retries). ``data.num_eval=0`` loads no evaluation problems.
     """
-    import difflib
-
-    from grpo_lab.config import ConfigError
+    from grpo_lab.config import ConfigError, did_you_mean
     from grpo_lab.hub import hub_unreachable_reason
 
     if data.template not in PROMPT_TEMPLATES:
-        near = difflib.get_close_matches(data.template, list(PROMPT_TEMPLATES), n=1)
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        hint = did_you_mean(data.template, PROMPT_TEMPLATES)
         raise ConfigError(
             f"data.template: unknown template {data.template!r}{hint}; valid: "
             f"{sorted(PROMPT_TEMPLATES)}",

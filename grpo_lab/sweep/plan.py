@@ -10,7 +10,6 @@ part of the folder layout every other module reads.
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import math
 import os
@@ -257,10 +256,11 @@ def _objective(
 
 
 def _check_keys(path: Path, prefix: str, mapping: dict, allowed: Sequence[str]) -> None:
+    from grpo_lab.config import did_you_mean
+
     for key in mapping:
         if key not in allowed:
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(str(key), allowed)
             raise SweepError(
                 f"{path}: unknown key {prefix}{key}{hint}; allowed: {', '.join(allowed)}"
             )

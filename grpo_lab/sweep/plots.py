@@ -15,16 +15,9 @@ from pathlib import Path
 
 from grpo_lab.plots import MISSING, Line, figure_class, line_plot
 from grpo_lab.sweep.stats import TARGET_WINDOW, mean_ci, moving_average
-from grpo_lab.sweep.summary import GroupSummary, RunStats, phase_sorted
+from grpo_lab.sweep.summary import GroupSummary, RunStats, _num, phase_sorted
 
 NO_MATPLOTLIB = f"Plots skipped: {MISSING}."
-
-
-def _number(row: Mapping, key: str) -> float | None:
-    v = row.get(key)
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-        return None
-    return float(v)
 
 
 def plot_metric_curves(
@@ -54,7 +47,7 @@ def plot_metric_curves(
             points = [
                 (xv, yv)
                 for r in records
-                if (xv := _number(r, x)) is not None and (yv := _number(r, metric)) is not None
+                if (xv := _num(r, x)) is not None and (yv := _num(r, metric)) is not None
             ]
             if not points:
                 continue
