@@ -1,10 +1,10 @@
-"""The tiny recipes' fixed-seed metrics do not drift: 10 steps of each, against a recorded file.
+"""The tiny recipes' fixed-seed metrics do not drift: 20 steps of each, against a recorded file.
 
 Every optional knob defaults to off, so a change that is meant to leave existing runs alone must
 reproduce the recorded rewards, losses, gradient norms, entropies and clip fractions bit for bit.
 Timings, throughput and memory are not compared. The recorded numbers depend on the torch build
-and the CPU type, so the test runs only where they were recorded (``machine`` and ``torch`` in
-the file); regenerate the file with ``python tests/test_recipe_metrics.py`` only for a change
+and the CPU (its model and the kernels torch picks for it), so the test runs only where they
+were recorded (``environment`` in the file); regenerate the file with ``python tests/test_recipe_metrics.py`` only for a change
 that is meant to alter these runs, and say why in the commit.
 """
 
@@ -19,10 +19,10 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-GOLDEN = ROOT / "tests" / "golden" / "tiny_recipes_10_steps.json"
+GOLDEN = ROOT / "tests" / "golden" / "tiny_recipes_20_steps.json"
 RECIPES = ("tiny_arith_grpo", "tiny_arith_ppo_head", "tiny_arith_ppo_critic")
 OVERRIDES = (
-    "trainer.max_steps=10",
+    "trainer.max_steps=20",
     "trainer.log_every=1",
     "trainer.progress_bar=false",
     "data.num_eval=32",
@@ -34,12 +34,26 @@ def environment() -> dict[str, str]:
     return {
         "machine": platform.machine(),
         "processor": platform.processor(),
+        "cpu": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
     }
 
 
+def _cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` ('' where there is none): two x86_64 machines
+    with different CPUs give different float results from the same kernels."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def run_recipe(recipe: str, out: Path) -> list[dict]:
-    """The metrics rows of a 10-step run of ``recipes/<recipe>.yaml``, minus timings and memory."""
+    """The metrics rows of a 20-step run of ``recipes/<recipe>.yaml``, minus timings and memory."""
     from grpo_lab.config import load_config
     from grpo_lab.harness import MetricsWriter
     from grpo_lab.trainer import train
