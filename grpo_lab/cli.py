@@ -217,6 +217,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``grpo-lab`` parser: global flags, then one subparser per command (``_add_*``)."""
     parser = argparse.ArgumentParser(
         prog="grpo-lab",
         description=__doc__,
@@ -228,7 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="show the Python traceback of every error (also GRPO_LAB_DEBUG=1)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_train, _add_eval, _add_show, _add_demo, _add_sweep, _add_merge, _add_config):
+        add(sub)
+    return parser
 
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="train a policy from a YAML recipe",
@@ -246,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_train)
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
         help="held-out accuracy of a model or a finished run",
@@ -300,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_eval)
 
+
+def _add_show(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "show",
         help="a run's status, latest completion samples and (--plot) curves",
@@ -321,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_show)
 
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="GRPO vs PPO (head, critic; standard and matched updates) on the tiny model (CPU)",
@@ -345,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="runs/demo")
     p.set_defaults(func=_cmd_demo)
 
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sweep",
         help="run a GRPO-vs-PPO ablation sweep and write its report",
@@ -364,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_sweep)
 
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "merge",
         help="merge a LoRA adapter into its base model",
@@ -378,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=_cmd_merge)
 
+
+def _add_config(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("config", help="print a resolved config, or --explain every key")
     p.add_argument("recipe", nargs="?", default=None)
     p.add_argument("overrides", nargs="*")
@@ -387,7 +405,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="list every config key with its type, default and meaning",
     )
     p.set_defaults(func=_cmd_config)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
