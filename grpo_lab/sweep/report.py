@@ -19,6 +19,7 @@ from grpo_lab.sweep.stats import CONFIDENCE, TARGET_WINDOW, Estimate, paired_rat
 from grpo_lab.sweep.summary import (
     FINAL_TRAIN_FRACTION,
     GroupSummary,
+    RunStats,
     SweepSummary,
     add_ratios,
     discover_runs,
@@ -43,27 +44,14 @@ def aggregate_sweep(
     else the first variant and no target.
     """
     out = Path(output_dir)
-    manifest = None
-    if (out / MANIFEST).is_file():
-        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
-        entries = [
-            (
-                r["group"],
-                r["variant"],
-                r["grid"],
-                int(r["seed"]),
-                out / r["group"] / f"seed{r['seed']}",
-            )
-            for r in manifest["runs"]
-        ]
+    manifest, entries = _planned_runs(out)
+    name = out.name
+    if manifest is not None:
         spec = manifest.get("spec", {})
         baseline = baseline or spec.get("baseline")
         if target_accuracy is None:
             target_accuracy = spec.get("target_accuracy")
         name = spec.get("name", out.name)
-    else:
-        entries = discover_runs(out)
-        name = out.name
     if not entries:
         raise SweepError(
             f"{out}: no runs found (expected {MANIFEST} or <variant>/seed<k>/metrics.jsonl)"
@@ -110,6 +98,21 @@ def aggregate_sweep(
     )
     summary.report_path.write_text(_report(summary, plot_note), encoding="utf-8")
     return summary
+
+
+def _planned_runs(out: Path) -> tuple[dict | None, list[tuple[str, str, dict, int, Path]]]:
+    """(the manifest or None, its runs as (group, variant, grid, seed, folder)).
+
+    Without ``manifest.json`` the runs are the ``<group>/seed<k>/metrics.jsonl`` folders found.
+    """
+    if not (out / MANIFEST).is_file():
+        return None, discover_runs(out)
+    manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    entries = [
+        (r["group"], r["variant"], r["grid"], int(r["seed"]), out / r["group"] / f"seed{r['seed']}")
+        for r in manifest["runs"]
+    ]
+    return manifest, entries
 
 
 def _decimals(x: float, digits: int = 3) -> int:
@@ -191,21 +194,50 @@ def _decomposition(groups: list[GroupSummary]) -> list[str]:
 
 
 def _report(s: SweepSummary, plot_note: str | None) -> str:
-    groups = s.groups
+    """report.md: its sections in order, each a list of Markdown lines."""
+    lines = [
+        *_intro(s),
+        *_result(s),
+        *_decomposition(s.groups),
+        *_time_per_phase(s.groups),
+        *_memory(s.groups),
+        *_throughput(s.groups),
+        *_plots(s.plots, plot_note),
+        *_runs(s.runs),
+        *_how_it_was_run(s),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _intro(s: SweepSummary) -> list[str]:
+    """Title, then what was run and how to read the numbers."""
     n_finished = sum(r.status == "finished" for r in s.runs)
     seeds = sorted({r.seed for r in s.runs})
     conf = f"{CONFIDENCE:.0%}"
-    lines = [f"# Sweep `{s.name}`", ""]
-    lines += [
-        f"{len(groups)} configurations ({', '.join(f'`{g.group}`' for g in groups)}), "
+    return [
+        f"# Sweep `{s.name}`",
+        "",
+        f"{len(s.groups)} configurations ({', '.join(f'`{g.group}`' for g in s.groups)}), "
         f"seeds {', '.join(map(str, seeds))}: {n_finished} of {len(s.runs)} runs finished. "
         f"Values are the mean over seeds ± the half-width of a {conf} Student-t confidence "
         "interval (no interval for a single seed); the ratio in brackets is the mean divided by "
         f"the baseline **{s.baseline}**'s mean at the same grid point.",
         "",
-        "## Result",
-        "",
     ]
+
+
+def _memory_definition(groups: list[GroupSummary]) -> str:
+    """What "peak memory" means for these groups: CUDA allocation, RSS, or a mix."""
+    kinds = {g.peak_mem_kind for g in groups}
+    if kinds == {"cuda"}:
+        return "CUDA peak allocated memory over the run"
+    if kinds == {"cpu"}:
+        return "process peak resident memory (RSS) over the run"
+    return "CUDA peak allocated where available, else peak RSS"
+
+
+def _result(s: SweepSummary) -> list[str]:
+    """The result table (memory, step time, accuracy, time to target) and its definitions."""
     target = s.target_accuracy
     head = [
         "objective",
@@ -218,7 +250,7 @@ def _report(s: SweepSummary, plot_note: str | None) -> str:
     if target is not None:
         head += [f"steps to {target:g}", f"wall-clock to {target:g} (s)"]
     rows = []
-    for g in groups:
+    for g in s.groups:
         m, r = g.metrics, g.ratios
         name = f"**{g.group}** (baseline)" if g.variant == s.baseline else f"**{g.group}**"
         row = [
@@ -230,29 +262,12 @@ def _report(s: SweepSummary, plot_note: str | None) -> str:
             _SOURCE.get(g.final_acc_source, "–"),
         ]
         if target is not None:
-            for key in ("target_steps", "target_wall_s"):
-                if g.target_reached == 0:
-                    row.append("not reached")
-                else:
-                    partial = (
-                        ""
-                        if g.target_reached == g.n_seeds
-                        else (f" [{g.target_reached}/{g.n_seeds} seeds]")
-                    )
-                    row.append(format_estimate(m[key]) + _fmt_ratio(r[key]) + partial)
+            row += [_to_target(g, key) for key in ("target_steps", "target_wall_s")]
         rows.append(row)
-    lines += markdown_table(head, rows)
-    kinds = {g.peak_mem_kind for g in groups}
-    mem_def = (
-        "CUDA peak allocated memory over the run"
-        if kinds == {"cuda"}
-        else "process peak resident memory (RSS) over the run"
-        if kinds == {"cpu"}
-        else "CUDA peak allocated where available, else peak RSS"
-    )
+    lines = ["## Result", "", *markdown_table(head, rows)]
     lines += [
         "",
-        f"- *Peak memory*: {mem_def}.",
+        f"- *Peak memory*: {_memory_definition(s.groups)}.",
         "- *Median step time*: the median of a run's `time/step_s`.",
         "- *Final accuracy*: the run's end-of-run held-out greedy accuracy (`eval/greedy_acc`) "
         f"when it was evaluated, else the mean `reward/accuracy` of its last "
@@ -265,164 +280,183 @@ def _report(s: SweepSummary, plot_note: str | None) -> str:
             "(`time/total_s`) there. When only some seeds got there, the mean is over those "
             "(shown as [k/n seeds]), which flatters the configuration."
         )
+    return lines
 
-    lines += _decomposition(groups)
-    lines += ["", "## Time per step by phase", ""]
+
+def _to_target(g: GroupSummary, key: str) -> str:
+    """A steps- or seconds-to-target cell: mean over the seeds that got there, and how many."""
+    if g.target_reached == 0:
+        return "not reached"
+    partial = "" if g.target_reached == g.n_seeds else f" [{g.target_reached}/{g.n_seeds} seeds]"
+    return format_estimate(g.metrics[key]) + _fmt_ratio(g.ratios[key]) + partial
+
+
+def _time_per_phase(groups: list[GroupSummary]) -> list[str]:
+    """Seconds per step in each timed phase, with its share of the mean step."""
+    lines = ["", "## Time per step by phase", ""]
     phases = phase_sorted(p for g in groups for p in g.phase_s)
-    if phases:
-        rows = []
-        for g in groups:
-            total = g.metrics["step_time_s"]
-            mean_total = sum(e.mean for e in g.phase_s.values()) + (
-                g.other_s.mean if g.other_s else 0
-            )
-            cells = [g.group]
-            for p in phases:
-                e = g.phase_s.get(p)
-                share = f" ({e.mean / mean_total:.0%})" if e and mean_total > 0 else ""
-                cells.append(format_estimate(e) + share)
-            cells += [format_estimate(g.other_s), _fmt(mean_total), format_estimate(total)]
-            rows.append(cells)
-        lines += markdown_table(["objective", *phases, "other", "mean step", "median step"], rows)
-        lines += [
-            "",
-            "Seconds per step, mean over steps (a phase that did not run counts 0 s) "
-            "then over seeds; *other* is step time outside every timed phase.",
-        ]
-    else:
-        lines.append("No per-phase timings were logged.")
+    if not phases:
+        return [*lines, "No per-phase timings were logged."]
+    rows = []
+    for g in groups:
+        total = g.metrics["step_time_s"]
+        mean_total = sum(e.mean for e in g.phase_s.values()) + (g.other_s.mean if g.other_s else 0)
+        cells = [g.group]
+        for p in phases:
+            e = g.phase_s.get(p)
+            share = f" ({e.mean / mean_total:.0%})" if e and mean_total > 0 else ""
+            cells.append(format_estimate(e) + share)
+        cells += [format_estimate(g.other_s), _fmt(mean_total), format_estimate(total)]
+        rows.append(cells)
+    lines += markdown_table(["objective", *phases, "other", "mean step", "median step"], rows)
+    return [
+        *lines,
+        "",
+        "Seconds per step, mean over steps (a phase that did not run counts 0 s) "
+        "then over seeds; *other* is step time outside every timed phase.",
+    ]
 
-    lines += ["", "## Memory", ""]
+
+def _memory(groups: list[GroupSummary]) -> list[str]:
+    """Peak memory, reserved memory, per-phase peaks and static sizes per group."""
     peak_phases = phase_sorted(p for g in groups for p in g.phase_peak_gib)
     static = sorted({k for g in groups for k in g.static_gib})
+    reserved = any(x.peak_reserved_gib for x in groups)
     rows = []
     for g in groups:
         cells = [
             g.group,
             format_estimate(g.metrics["peak_mem_gib"]) + _fmt_ratio(g.ratios["peak_mem_gib"]),
         ]
-        if any(x.peak_reserved_gib for x in groups):
+        if reserved:
             cells.append(format_estimate(g.peak_reserved_gib))
         cells += [format_estimate(g.phase_peak_gib.get(p)) for p in peak_phases]
         cells += [format_estimate(g.static_gib.get(k)) for k in static]
         rows.append(cells)
     head = ["objective", "peak (GiB)"]
-    if any(x.peak_reserved_gib for x in groups):
+    if reserved:
         head.append("peak reserved")
     head += [f"{p} peak" for p in peak_phases] + [f"static {k}" for k in static]
-    lines += markdown_table(head, rows)
-    notes = [f"*Peak*: {mem_def}."]
+    notes = [f"*Peak*: {_memory_definition(groups)}."]
     if peak_phases:
         notes.append("*<phase> peak*: the highest CUDA allocation while that phase ran.")
     if static:
         notes.append(
             "*static*: parameter, gradient and optimizer-state sizes of each model after step 1."
         )
-    lines += ["", " ".join(notes)]
+    return ["", "## Memory", "", *markdown_table(head, rows), "", " ".join(notes)]
 
-    lines += ["", "## Throughput", ""]
-    rate_keys = [
-        k
-        for k in ("gen_tokens_per_s", "train_tokens_per_s", "samples_per_s", "mfu")
-        if any(g.metrics.get(k) for g in groups)
+
+_RATES = {
+    "gen_tokens_per_s": "generated tokens per rollout second",
+    "train_tokens_per_s": "trained tokens per update second",
+    "samples_per_s": "sequences per step second",
+    "mfu": "model FLOPs utilisation",
+}
+
+
+def _throughput(groups: list[GroupSummary]) -> list[str]:
+    """Each logged rate (tokens, samples per second, MFU) per group, with its meaning."""
+    lines = ["", "## Throughput", ""]
+    rate_keys = [k for k in _RATES if any(g.metrics.get(k) for g in groups)]
+    if not rate_keys:
+        return [*lines, "No throughput was logged."]
+    rows = [
+        [g.group, *(format_estimate(g.metrics[k]) + _fmt_ratio(g.ratios[k]) for k in rate_keys)]
+        for g in groups
     ]
-    if rate_keys:
-        rows = [
-            [g.group, *(format_estimate(g.metrics[k]) + _fmt_ratio(g.ratios[k]) for k in rate_keys)]
-            for g in groups
-        ]
-        lines += markdown_table(["objective", *rate_keys], rows)
-        meaning = {
-            "gen_tokens_per_s": "generated tokens per rollout second",
-            "train_tokens_per_s": "trained tokens per update second",
-            "samples_per_s": "sequences per step second",
-            "mfu": "model FLOPs utilisation",
-        }
-        lines += [
-            "",
-            "; ".join(f"*{k}*: {meaning[k]}" for k in rate_keys)
-            + ". Mean over steps, then over seeds.",
-        ]
-    else:
-        lines.append("No throughput was logged.")
+    return [
+        *lines,
+        *markdown_table(["objective", *rate_keys], rows),
+        "",
+        "; ".join(f"*{k}*: {_RATES[k]}" for k in rate_keys) + ". Mean over steps, then over seeds.",
+    ]
 
-    lines += ["", "## Plots", ""]
-    captions = {
-        "reward_vs_step.png": "Training accuracy (or reward) against optimizer step",
-        "reward_vs_wallclock.png": "The same against wall-clock (mean cumulative step time at each step)",
-        "memory_per_phase.png": "Peak memory",
-        "step_time.png": "Step time by phase",
-        "tokens_per_s.png": "Throughput",
-    }
-    for p in s.plots:
-        lines += [f"![{captions.get(p.name, p.stem)}]({p.name})", ""]
+
+_CAPTIONS = {
+    "reward_vs_step.png": "Training accuracy (or reward) against optimizer step",
+    "reward_vs_wallclock.png": "The same against wall-clock (mean cumulative step time at each step)",
+    "memory_per_phase.png": "Peak memory",
+    "step_time.png": "Step time by phase",
+    "tokens_per_s.png": "Throughput",
+}
+
+
+def _plots(plots: list[Path], plot_note: str | None) -> list[str]:
+    """The plots as images, or why there are none."""
+    lines = ["", "## Plots", ""]
+    for p in plots:
+        lines += [f"![{_CAPTIONS.get(p.name, p.stem)}]({p.name})", ""]
     if plot_note:
         lines += [plot_note, ""]
-    if not s.plots and not plot_note:
+    if not plots and not plot_note:
         lines += ["Nothing to plot.", ""]
+    return lines
 
-    lines += ["## Runs", ""]
-    rows = []
-    for r in s.runs:
-        rows.append(
-            [
-                f"`{r.group}/seed{r.seed}`",
-                r.status,
-                str(r.steps),
-                _fmt(r.total_s),
-                _fmt(r.median_step_s),
-                _fmt(r.final_acc) + (f" ({r.final_acc_source})" if r.final_acc_source else ""),
-                "–" if r.target is None else str(r.target.step),
-            ]
-        )
-    lines += markdown_table(
+
+def _runs(runs: list[RunStats]) -> list[str]:
+    """Every planned or found run, finished or not, with its own numbers."""
+    rows = [
         [
-            "run",
-            "status",
-            "steps",
-            "total step time (s)",
-            "median step (s)",
-            "final accuracy",
-            "step at target",
-        ],
-        rows,
-    )
-    lines += [
+            f"`{r.group}/seed{r.seed}`",
+            r.status,
+            str(r.steps),
+            _fmt(r.total_s),
+            _fmt(r.median_step_s),
+            _fmt(r.final_acc) + (f" ({r.final_acc_source})" if r.final_acc_source else ""),
+            "–" if r.target is None else str(r.target.step),
+        ]
+        for r in runs
+    ]
+    head = [
+        "run",
+        "status",
+        "steps",
+        "total step time (s)",
+        "median step (s)",
+        "final accuracy",
+        "step at target",
+    ]
+    return [
+        "## Runs",
+        "",
+        *markdown_table(head, rows),
         "",
         f"Only *finished* runs enter the tables above; a failed run's output is in its `{LOG}`.",
     ]
 
-    lines += ["", "## How it was run", ""]
-    if s.manifest:
-        m = s.manifest
-        extra = m["spec"].get("extra_overrides") or []
-        lines += [
-            f"From `{m['cwd']}`: `grpo-lab sweep {m['sweep_file']}"
-            f"{' ' + shlex.join(extra) if extra else ''}`. The sweep file:",
-            "",
-            "```yaml",
-            m["sweep_text"].rstrip(),
-            "```",
-            "",
-            "Each run's command:",
-            "",
-            "```bash",
-            *(shlex.join(r["command"]) for r in m["runs"]),
-            "```",
-        ]
-        lines += [
-            "",
-            "A rerun of a started run adds `resume=auto`. Each run's resolved config is "
-            "its `config.yaml`.",
-        ]
-    else:
-        lines += [
+
+def _how_it_was_run(s: SweepSummary) -> list[str]:
+    """The sweep command, file and run commands from the manifest, else the runs' configs."""
+    lines = ["", "## How it was run", ""]
+    if not s.manifest:
+        return [
+            *lines,
             "No manifest.json (the runs were not started by `grpo-lab sweep`); each run's "
             "resolved config is its `config.yaml`:",
             "",
+            *(f"- `{r.dir / 'config.yaml'}`" for r in s.runs),
         ]
-        lines += [f"- `{r.dir / 'config.yaml'}`" for r in s.runs]
-    return "\n".join(lines) + "\n"
+    m = s.manifest
+    extra = m["spec"].get("extra_overrides") or []
+    return [
+        *lines,
+        f"From `{m['cwd']}`: `grpo-lab sweep {m['sweep_file']}"
+        f"{' ' + shlex.join(extra) if extra else ''}`. The sweep file:",
+        "",
+        "```yaml",
+        m["sweep_text"].rstrip(),
+        "```",
+        "",
+        "Each run's command:",
+        "",
+        "```bash",
+        *(shlex.join(r["command"]) for r in m["runs"]),
+        "```",
+        "",
+        "A rerun of a started run adds `resume=auto`. Each run's resolved config is "
+        "its `config.yaml`.",
+    ]
 
 
 def markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
