@@ -18,7 +18,7 @@ from typing import Any
 
 from grpo_lab.answer import analysis as an
 from grpo_lab.objectives import LABELS
-from grpo_lab.sweep import Estimate, SweepSummary, plot_metric_curves
+from grpo_lab.sweep import Estimate, GroupSummary, SweepSummary, plot_metric_curves
 from grpo_lab.sweep.report import format_estimate, markdown_table
 from grpo_lab.sweep.summary import phase_sorted
 
@@ -123,148 +123,178 @@ def workload_w(results_md: Path) -> tuple[str | None, list[str]]:
 
 
 def write_document(inp: Inputs, out: Path) -> Path:
-    """Write ``out`` (docs/answer.md), and plots plus CSVs into ``out``'s sibling folder."""
+    """Write ``out`` (docs/answer.md), and plots plus CSVs into ``out``'s sibling folder.
+
+    The numbers are computed once (:func:`_numbers`); each section is a function returning its
+    Markdown lines, in the order they appear.
+    """
     assets = out.with_suffix("")
     assets.mkdir(parents=True, exist_ok=True)
-    rel = assets.name
-    figs = Figures()
+    n = _numbers(inp)
+    sections = [
+        _answer(inp, n),
+        _cost_per_step(inp, n, assets.name),
+        _zero_advantage_rows(n, assets),
+        _learning(n, assets.name),
+        _baseline_quality(n, assets),
+        _workload_w_section(inp.results_md),
+        _how_it_was_made(inp, n, assets.name),
+    ]
+    _copy_sweep_files(inp.benefit.output_dir, assets)
+    _quoted_figures(n).write(assets / "answer.csv")
+    lines = [line for section in sections for line in section]
+    out.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    return out
+
+
+@dataclass
+class Numbers:
+    """What the document quotes, computed once from the measurements by :mod:`.analysis`.
+
+    Ratios between objectives are paired by seed: ``time_*`` of median step time, ``static_*``
+    of static memory, ``rss_*`` of peak RSS, all over GRPO; ``epochs_*`` is the standard PPO
+    recipe over its matched-update variant (the cost of PPO's extra epochs).
+    """
+
+    facts: list[an.RunFacts]  # benefit sweep
+    skip_facts: list[an.RunFacts]  # zero-advantage sweep
+    arms: list[an.BenchArm]  # step benchmark
+    variants: list[str]  # the benefit sweep's objectives, in its order
+    groups: dict[str, GroupSummary]
+    seeds: list[int]
+    target: float | None  # training accuracy to reach
+    budget: float  # seconds of training per run
+    time_head: Estimate | None
+    time_critic: Estimate | None
+    time_head_std: Estimate | None
+    time_critic_std: Estimate | None
+    epochs_head: Estimate | None
+    epochs_critic: Estimate | None
+    static_head: Estimate | None
+    static_critic: Estimate | None
+    rss_head: Estimate | None
+    rss_critic: Estimate | None
+    # zero-advantage sweep: GRPO's share of zero-std groups, update time per arm, their ratio
+    zero_std: Estimate | None
+    update_s: dict[str, Estimate | None]
+    update_ratio: Estimate | None
+    step_ratio_all_rows: Estimate | None
+    bins: list[an.SkipBin]
+    # benefit sweep, per objective
+    gains: dict[str, Estimate | None]
+    afters: dict[str, Estimate | None]
+    before: Estimate | None
+    steps_in_budget: dict[str, Estimate | None]
+    evs: dict[str, an.ExplainedVariance | None]
+
+
+SKIP_ARMS = ("grpo", "grpo_all_rows")
+
+
+def _numbers(inp: Inputs) -> Numbers:
     facts = an.run_facts(inp.benefit)
     skip_facts = an.run_facts(inp.skipping)
-    arms = an.bench_arms(inp.benches)
     variants = [g.variant for g in inp.benefit.groups]
-    groups = {g.variant: g for g in inp.benefit.groups}
-    seeds = sorted({f.seed for f in facts})
-    target = inp.benefit.target_accuracy
-    budget = _budget(inp.benefit)
-    noisy = max(inp.load) > 0.75 * inp.cores
 
-    def bench(obj: str) -> an.BenchArm | None:
-        return next((a for a in arms if a.objective == obj), None)
+    def ratio(variant: str, baseline: str, attr: str) -> Estimate | None:
+        return an.paired(facts, variant, baseline, attr)
 
-    # ---- the figures the first paragraph quotes
-    t_head = an.paired(facts, "ppo_head_matched", "grpo", "median_step_s")
-    t_critic = an.paired(facts, "ppo_critic_matched", "grpo", "median_step_s")
-    t_head_std = an.paired(facts, "ppo_head", "grpo", "median_step_s")
-    t_critic_std = an.paired(facts, "ppo_critic", "grpo", "median_step_s")
-    ep_head = an.paired(facts, "ppo_head", "ppo_head_matched", "median_step_s")
-    ep_critic = an.paired(facts, "ppo_critic", "ppo_critic_matched", "median_step_s")
-    m_head = an.paired(facts, "ppo_head_matched", "grpo", "static_gib")
-    m_critic = an.paired(facts, "ppo_critic_matched", "grpo", "static_gib")
-    rss_head = an.paired(facts, "ppo_head_matched", "grpo", "peak_rss_gib")
-    rss_critic = an.paired(facts, "ppo_critic_matched", "grpo", "peak_rss_gib")
+    def each(attr: str) -> dict[str, Estimate | None]:
+        return {v: an.over_seeds(facts, v, attr) for v in variants}
+
+    return Numbers(
+        facts=facts,
+        skip_facts=skip_facts,
+        arms=an.bench_arms(inp.benches),
+        variants=variants,
+        groups={g.variant: g for g in inp.benefit.groups},
+        seeds=sorted({f.seed for f in facts}),
+        target=inp.benefit.target_accuracy,
+        budget=_budget(inp.benefit),
+        time_head=ratio("ppo_head_matched", "grpo", "median_step_s"),
+        time_critic=ratio("ppo_critic_matched", "grpo", "median_step_s"),
+        time_head_std=ratio("ppo_head", "grpo", "median_step_s"),
+        time_critic_std=ratio("ppo_critic", "grpo", "median_step_s"),
+        epochs_head=ratio("ppo_head", "ppo_head_matched", "median_step_s"),
+        epochs_critic=ratio("ppo_critic", "ppo_critic_matched", "median_step_s"),
+        static_head=ratio("ppo_head_matched", "grpo", "static_gib"),
+        static_critic=ratio("ppo_critic_matched", "grpo", "static_gib"),
+        rss_head=ratio("ppo_head_matched", "grpo", "peak_rss_gib"),
+        rss_critic=ratio("ppo_critic_matched", "grpo", "peak_rss_gib"),
+        zero_std=an.per_step_estimate(skip_facts, "grpo", "reward/zero_std_groups"),
+        update_s={a: an.per_step_estimate(skip_facts, a, "time/update_s") for a in SKIP_ARMS},
+        update_ratio=an.paired_per_step(skip_facts, "grpo", "grpo_all_rows", "time/update_s"),
+        step_ratio_all_rows=an.paired(skip_facts, "grpo_all_rows", "grpo", "median_step_s"),
+        bins=an.skip_bins(skip_facts, SKIP_ARMS),
+        gains=each("heldout_gain"),
+        afters=each("heldout_after"),
+        before=an.over_seeds(facts, "grpo", "heldout_before"),
+        steps_in_budget=each("steps"),
+        evs={v: an.explained_variance(facts, v) for v in variants},
+    )
+
+
+def _quoted_figures(n: Numbers) -> Figures:
+    """answer.csv: every figure the text quotes, with its interval and where it comes from."""
+    figs = Figures()
     for name, e in [
-        ("step time ratio ppo_head_matched/grpo (sweep)", t_head),
-        ("step time ratio ppo_critic_matched/grpo (sweep)", t_critic),
-        ("step time ratio ppo_head/grpo (sweep)", t_head_std),
-        ("step time ratio ppo_critic/grpo (sweep)", t_critic_std),
-        ("step time ratio ppo_head/ppo_head_matched (extra epochs)", ep_head),
-        ("step time ratio ppo_critic/ppo_critic_matched (extra epochs)", ep_critic),
-        ("static memory ratio ppo_head_matched/grpo", m_head),
-        ("static memory ratio ppo_critic_matched/grpo", m_critic),
-        ("peak RSS ratio ppo_head_matched/grpo", rss_head),
-        ("peak RSS ratio ppo_critic_matched/grpo", rss_critic),
+        ("step time ratio ppo_head_matched/grpo (sweep)", n.time_head),
+        ("step time ratio ppo_critic_matched/grpo (sweep)", n.time_critic),
+        ("step time ratio ppo_head/grpo (sweep)", n.time_head_std),
+        ("step time ratio ppo_critic/grpo (sweep)", n.time_critic_std),
+        ("step time ratio ppo_head/ppo_head_matched (extra epochs)", n.epochs_head),
+        ("step time ratio ppo_critic/ppo_critic_matched (extra epochs)", n.epochs_critic),
+        ("static memory ratio ppo_head_matched/grpo", n.static_head),
+        ("static memory ratio ppo_critic_matched/grpo", n.static_critic),
+        ("peak RSS ratio ppo_head_matched/grpo", n.rss_head),
+        ("peak RSS ratio ppo_critic_matched/grpo", n.rss_critic),
     ]:
         figs.add(name, e, "benefit sweep, paired by seed")
-    for a in arms:
+    for a in n.arms:
         figs.add(f"step time ratio {a.objective}/grpo ({a.run})", a.time_ratio, "step_bench")
         figs.add(f"memory ratio {a.objective}/grpo ({a.run})", a.memory_ratio, "step_bench")
-
-    skip_arms = ("grpo", "grpo_all_rows")
-    upd_saving = an.paired(skip_facts, "grpo_all_rows", "grpo", "median_step_s")
-    zero_std = an.per_step_estimate(skip_facts, "grpo", "reward/zero_std_groups")
-    upd = {a: an.per_step_estimate(skip_facts, a, "time/update_s") for a in skip_arms}
-    upd_ratio = an.paired_per_step(skip_facts, "grpo", "grpo_all_rows", "time/update_s")
-    figs.add("fraction of zero-std groups (GRPO, tiny)", zero_std, "zero-advantage sweep")
-    figs.add("update time ratio grpo/grpo_all_rows", upd_ratio, "zero-advantage sweep")
-    figs.add("step time ratio grpo_all_rows/grpo", upd_saving, "zero-advantage sweep")
-
-    gains = {v: an.over_seeds(facts, v, "heldout_gain") for v in variants}
-    afters = {v: an.over_seeds(facts, v, "heldout_after") for v in variants}
-    before = an.over_seeds(facts, "grpo", "heldout_before")
-    steps_in_budget = {v: an.over_seeds(facts, v, "steps") for v in variants}
-    for v in variants:
-        figs.add(f"held-out greedy gain {v} ({budget} s budget)", gains[v], "benefit sweep")
-        figs.add(f"held-out greedy after {v}", afters[v], "benefit sweep")
-        g = groups[v]
-        figs.add(f"steps to {target} {v}", g.metrics.get("target_steps"), "benefit sweep")
-        figs.add(f"seconds to {target} {v}", g.metrics.get("target_wall_s"), "benefit sweep")
-    evs = {v: an.explained_variance(facts, v) for v in variants}
-    for v, e in evs.items():
+    figs.add("fraction of zero-std groups (GRPO, tiny)", n.zero_std, "zero-advantage sweep")
+    figs.add("update time ratio grpo/grpo_all_rows", n.update_ratio, "zero-advantage sweep")
+    figs.add("step time ratio grpo_all_rows/grpo", n.step_ratio_all_rows, "zero-advantage sweep")
+    for v in n.variants:
+        figs.add(f"held-out greedy gain {v} ({n.budget} s budget)", n.gains[v], "benefit sweep")
+        figs.add(f"held-out greedy after {v}", n.afters[v], "benefit sweep")
+        g = n.groups[v]
+        figs.add(f"steps to {n.target} {v}", g.metrics.get("target_steps"), "benefit sweep")
+        figs.add(f"seconds to {n.target} {v}", g.metrics.get("target_wall_s"), "benefit sweep")
+    for v, e in n.evs.items():
         if e is not None:
             figs.add(f"explained variance early {v}", e.early, "benefit sweep")
             figs.add(f"explained variance late {v}", e.late, "benefit sweep")
+    return figs
 
-    def reach(v: str, key: str, unit: str) -> str:
-        g = groups.get(v)
-        if g is None or g.target_reached == 0:
-            return "not reached"
-        part = "" if g.target_reached == g.n_seeds else f" [{g.target_reached}/{g.n_seeds} seeds]"
-        return format_estimate(g.metrics[key]) + unit + part
 
-    bins = an.skip_bins(skip_facts, skip_arms)
-    bin_note = ""
-    if len(bins) >= 2:
-        lo, hi = bins[0], bins[-1]
-        bin_note = (
-            f" ({x(lo.update_s['grpo'] / lo.update_s['grpo_all_rows'])} in steps with "
-            f"{pct(lo.fraction)} such groups, "
-            f"{x(hi.update_s['grpo'] / hi.update_s['grpo_all_rows'])} with {pct(hi.fraction)})"
-        )
+def _reach(n: Numbers, v: str, key: str, unit: str) -> str:
+    """Steps or seconds to the target accuracy, with how many seeds got there when not all."""
+    g = n.groups.get(v)
+    if g is None or g.target_reached == 0:
+        return "not reached"
+    part = "" if g.target_reached == g.n_seeds else f" [{g.target_reached}/{g.n_seeds} seeds]"
+    return format_estimate(g.metrics[key]) + unit + part
 
-    # ---- the answer paragraph
-    bh, bc = bench("ppo_head_matched"), bench("ppo_critic_matched")
-    bench_note = ""
-    if bh is not None and bh.preset == "tiny":
-        # The tiny preset's memory figure (an RSS difference of a few MiB) does not compare.
-        bench_note = (
-            f" In the step benchmark (`step_bench --preset tiny`, one run) the head costs "
-            f"{x(bh.time_ratio)} GRPO's step time"
-            + (f", the critic {x(bc.time_ratio)}" if bc is not None else "")
-            + "."
-        )
-    elif bh is not None:
-        bench_note = (
-            f" In the step benchmark (`step_bench --preset {bh.preset}`, one run) the head costs "
-            f"{x(bh.time_ratio)} GRPO's step time and {x(bh.memory_ratio)} its memory"
-            + (
-                f", the critic {x(bc.time_ratio)} and {x(bc.memory_ratio)}"
-                if bc is not None
-                else ""
-            )
-            + "."
-        )
-    lines = [
-        "# What does PPO's value model really cost over GRPO?",
-        "",
-        f"*Generated by `{inp.command}` on a {inp.machine}, {inp.date}"
-        + (
+
+def _answer(inp: Inputs, n: Numbers) -> list[str]:
+    """Title, the conditions of the measurement, and the answer paragraph."""
+    noisy = max(inp.load) > 0.75 * inp.cores
+    if noisy:
+        conditions = (
             f"; the CPU was shared with other jobs (load average up to {inp.load[0]:.1f} at the "
             f"start, {inp.load[1]:.1f} at the end, on {inp.cores} cores), so absolute times are "
-            "noisy and "
-            "the ratios' intervals are wide.*"
-            if noisy
-            else f"; load average {inp.load[0]:.1f} → {inp.load[1]:.1f} on {inp.cores} cores.*"
-        ),
+            "noisy and the ratios' intervals are wide.*"
+        )
+    else:
+        conditions = f"; load average {inp.load[0]:.1f} → {inp.load[1]:.1f} on {inp.cores} cores.*"
+    return [
+        "# What does PPO's value model really cost over GRPO?",
         "",
-        f"**Answer (embedded tiny arithmetic task, {len(seeds)} seeds, 95 % CIs).** "
-        f"At matched updates (one epoch, one minibatch per rollout batch, as GRPO), PPO with a "
-        f"value head on the shared trunk takes {est_x(t_head)} GRPO's step time and "
-        f"{est_x(m_head)} its static memory (parameters, gradients, optimizer state; process peak "
-        f"RSS {est_x(rss_head)}); a separate critic takes {est_x(t_critic)} the time and "
-        f"{est_x(m_critic)} the static memory.{bench_note} "
-        f"At the recipes' standard settings (2 epochs × 2 minibatches) PPO-head takes "
-        f"{est_x(t_head_std)} and PPO-critic {est_x(t_critic_std)} GRPO's step time; PPO's extra "
-        f"epochs alone account for {est_x(ep_head)} (head) and {est_x(ep_critic)} (critic). "
-        f"Part of GRPO's lead is its group baseline: at this task's {est_pct(zero_std)} of groups "
-        f"with all-equal rewards, skipping their rows makes GRPO's update take {est_x(upd_ratio)} "
-        f"the time of running every row{bin_note}. Per step, GRPO reaches a training accuracy of "
-        f"{target:g} in {reach('grpo', 'target_steps', ' steps')} against "
-        f"{reach('ppo_head_matched', 'target_steps', ' steps')} for matched PPO-head; per second, "
-        f"in {reach('grpo', 'target_wall_s', ' s')} against "
-        f"{reach('ppo_head_matched', 'target_wall_s', ' s')}. With the same {budget:g} s of "
-        f"training each, held-out greedy accuracy goes from {est_pct(before)} to "
-        + ", ".join(f"{est_pct(afters[v])} ({label(v)})" for v in variants)
-        + ".",
+        f"*Generated by `{inp.command}` on a {inp.machine}, {inp.date}" + conditions,
+        "",
+        _answer_paragraph(n),
         "",
         "Memory on this 125k-parameter model is dominated by the Python process itself, so the "
         "peak-RSS ratios are near 1 whatever the objective; the static footprint is the part "
@@ -273,197 +303,249 @@ def write_document(inp: Inputs, out: Path) -> Path:
         "",
     ]
 
-    # ---- 1. cost at matched updates and standard settings
-    lines += ["## 1. Cost per step", ""]
-    if arms:
-        lines += [
-            "### Step benchmark",
-            "",
-            "Ratios within one run of `benchmarks/step_bench.py`, against that run's GRPO "
-            "(`--rounds` alternate the order of the implementations).",
-            "",
-        ]
-        phases = phase_sorted(p for a in arms for p in a.phases_s)
-        rows = []
-        for a in arms:
-            rows.append(
-                [
-                    f"`{a.run}`",
-                    label(a.objective),
-                    "–" if a.step_s is None else f"{a.step_s:.4f}",
-                    x(a.time_ratio),
-                    "–" if a.mem_gib is None else f"{a.mem_gib:.3f}",
-                    x(a.memory_ratio),
-                    *(f"{a.phases_s[p]:.4f}" if p in a.phases_s else "–" for p in phases),
-                ]
-            )
-        lines += markdown_table(
-            ["run", "objective", "median step (s)", "× GRPO", "memory (GiB)", "× GRPO"]
-            + [f"{p} (s)" for p in phases],
-            rows,
+
+def _answer_paragraph(n: Numbers) -> str:
+    """The answer in one paragraph: cost at matched and standard updates, skipping, benefit."""
+    return (
+        f"**Answer (embedded tiny arithmetic task, {len(n.seeds)} seeds, 95 % CIs).** "
+        f"At matched updates (one epoch, one minibatch per rollout batch, as GRPO), PPO with a "
+        f"value head on the shared trunk takes {est_x(n.time_head)} GRPO's step time and "
+        f"{est_x(n.static_head)} its static memory (parameters, gradients, optimizer state; "
+        f"process peak RSS {est_x(n.rss_head)}); a separate critic takes {est_x(n.time_critic)} "
+        f"the time and {est_x(n.static_critic)} the static memory.{_bench_note(n.arms)} "
+        f"At the recipes' standard settings (2 epochs × 2 minibatches) PPO-head takes "
+        f"{est_x(n.time_head_std)} and PPO-critic {est_x(n.time_critic_std)} GRPO's step time; "
+        f"PPO's extra epochs alone account for {est_x(n.epochs_head)} (head) and "
+        f"{est_x(n.epochs_critic)} (critic). "
+        f"Part of GRPO's lead is its group baseline: at this task's {est_pct(n.zero_std)} of "
+        f"groups with all-equal rewards, skipping their rows makes GRPO's update take "
+        f"{est_x(n.update_ratio)} the time of running every row{_bin_note(n.bins)}. Per step, "
+        f"GRPO reaches a training accuracy of {n.target:g} in "
+        f"{_reach(n, 'grpo', 'target_steps', ' steps')} against "
+        f"{_reach(n, 'ppo_head_matched', 'target_steps', ' steps')} for matched PPO-head; per "
+        f"second, in {_reach(n, 'grpo', 'target_wall_s', ' s')} against "
+        f"{_reach(n, 'ppo_head_matched', 'target_wall_s', ' s')}. With the same {n.budget:g} s "
+        f"of training each, held-out greedy accuracy goes from {est_pct(n.before)} to "
+        + ", ".join(f"{est_pct(n.afters[v])} ({label(v)})" for v in n.variants)
+        + "."
+    )
+
+
+def _bench_note(arms: list[an.BenchArm]) -> str:
+    """The step benchmark's matched-update ratios, as a sentence (memory only beyond tiny)."""
+    bh = next((a for a in arms if a.objective == "ppo_head_matched"), None)
+    bc = next((a for a in arms if a.objective == "ppo_critic_matched"), None)
+    if bh is None:
+        return ""
+    if bh.preset == "tiny":
+        # The tiny preset's memory figure (an RSS difference of a few MiB) does not compare.
+        return (
+            f" In the step benchmark (`step_bench --preset tiny`, one run) the head costs "
+            f"{x(bh.time_ratio)} GRPO's step time"
+            + (f", the critic {x(bc.time_ratio)}" if bc is not None else "")
+            + "."
         )
-        metrics = {str(b.get("memory_metric", "")) for b in inp.benches} - {""}
-        lines += ["", "Memory: " + ("; ".join(sorted(metrics)) or "as step_bench reports it") + "."]
-        if any(a.preset == "tiny" for a in arms):
-            lines[-1] += (
-                " At the tiny preset that is a few MiB of allocator noise in one shared process, "
-                "so its memory ratios do not compare; the static footprint below does."
-            )
-        for b in inp.benches:
-            found = _zero_std_fields(b)
-            if found:
-                lines += [
-                    "",
-                    f"`{b.get('bench_run', '')}` records its groups with all-equal rewards: "
-                    + ", ".join(f"`{k}` = {v}" for k, v in found.items())
-                    + ".",
-                ]
-        lines += ["", "Commands:", "", "```bash"]
-        lines += [shlex.join(["python", *b.get("argv", [])]) for b in inp.benches]
-        lines += ["```", ""]
+    return (
+        f" In the step benchmark (`step_bench --preset {bh.preset}`, one run) the head costs "
+        f"{x(bh.time_ratio)} GRPO's step time and {x(bh.memory_ratio)} its memory"
+        + (f", the critic {x(bc.time_ratio)} and {x(bc.memory_ratio)}" if bc is not None else "")
+        + "."
+    )
+
+
+def _bin_note(bins: list[an.SkipBin]) -> str:
+    """Skipping's update-time ratio at the fewest and the most zero-std groups."""
+    if len(bins) < 2:
+        return ""
+    lo, hi = bins[0], bins[-1]
+    return (
+        f" ({x(lo.update_s['grpo'] / lo.update_s['grpo_all_rows'])} in steps with "
+        f"{pct(lo.fraction)} such groups, "
+        f"{x(hi.update_s['grpo'] / hi.update_s['grpo_all_rows'])} with {pct(hi.fraction)})"
+    )
+
+
+def _cost_per_step(inp: Inputs, n: Numbers, rel: str) -> list[str]:
+    """Section 1: the step benchmark (when run), then every objective of the benefit sweep."""
+    lines = ["## 1. Cost per step", ""]
+    if n.arms:
+        lines += _step_benchmark(inp.benches, n.arms)
     lines += [
         "### Tiny task, every objective with the same budget",
         "",
-        f"From the benefit sweep ({len(seeds)} seeds): the median step time of each run, as a "
+        f"From the benefit sweep ({len(n.seeds)} seeds): the median step time of each run, as a "
         "ratio to GRPO's run of the same seed; static memory is parameters + gradients + "
         "optimizer state of every model.",
         "",
     ]
     rows = []
-    for v in variants:
-        rows.append(
-            [
-                label(v),
-                format_estimate(an.over_seeds(facts, v, "median_step_s")),
-                est_x(an.paired(facts, v, "grpo", "median_step_s")),
-                format_estimate(an.over_seeds(facts, v, "static_gib")),
-                est_x(an.paired(facts, v, "grpo", "static_gib")),
-                format_estimate(an.over_seeds(facts, v, "peak_rss_gib")),
-                est_x(an.paired(facts, v, "grpo", "peak_rss_gib")),
+    for v in n.variants:
+        row = [label(v)]
+        for attr in ("median_step_s", "static_gib", "peak_rss_gib"):
+            row += [
+                format_estimate(an.over_seeds(n.facts, v, attr)),
+                est_x(an.paired(n.facts, v, "grpo", attr)),
             ]
-        )
-    lines += markdown_table(
-        [
-            "objective",
-            "median step (s)",
-            "× GRPO",
-            "static memory (GiB)",
-            "× GRPO",
-            "peak RSS (GiB)",
-            "× GRPO",
-        ],
-        rows,
-    )
-    lines += [
+        rows.append(row)
+    head = ["objective", "median step (s)", "× GRPO", "static memory (GiB)", "× GRPO"]
+    lines += markdown_table([*head, "peak RSS (GiB)", "× GRPO"], rows)
+    return [
+        *lines,
         "",
-        f"PPO's extra epochs (standard ÷ matched, same value model): head {est_x(ep_head)}, "
-        f"critic {est_x(ep_critic)}.",
+        f"PPO's extra epochs (standard ÷ matched, same value model): head "
+        f"{est_x(n.epochs_head)}, critic {est_x(n.epochs_critic)}.",
         "",
         f"![Step time by phase]({rel}/step_time.png)",
         "",
     ]
 
-    # ---- 2. zero-advantage rows
-    lines += [
+
+def _step_benchmark(benches: list[dict[str, Any]], arms: list[an.BenchArm]) -> list[str]:
+    """Each step_bench implementation's step time, memory and phases, and the commands."""
+    lines = [
+        "### Step benchmark",
+        "",
+        "Ratios within one run of `benchmarks/step_bench.py`, against that run's GRPO "
+        "(`--rounds` alternate the order of the implementations).",
+        "",
+    ]
+    phases = phase_sorted(p for a in arms for p in a.phases_s)
+    rows = [
+        [
+            f"`{a.run}`",
+            label(a.objective),
+            "–" if a.step_s is None else f"{a.step_s:.4f}",
+            x(a.time_ratio),
+            "–" if a.mem_gib is None else f"{a.mem_gib:.3f}",
+            x(a.memory_ratio),
+            *(f"{a.phases_s[p]:.4f}" if p in a.phases_s else "–" for p in phases),
+        ]
+        for a in arms
+    ]
+    head = ["run", "objective", "median step (s)", "× GRPO", "memory (GiB)", "× GRPO"]
+    lines += markdown_table(head + [f"{p} (s)" for p in phases], rows)
+    metrics = {str(b.get("memory_metric", "")) for b in benches} - {""}
+    memory = "Memory: " + ("; ".join(sorted(metrics)) or "as step_bench reports it") + "."
+    if any(a.preset == "tiny" for a in arms):
+        memory += (
+            " At the tiny preset that is a few MiB of allocator noise in one shared process, "
+            "so its memory ratios do not compare; the static footprint below does."
+        )
+    lines += ["", memory]
+    for b in benches:
+        found = _zero_std_fields(b)
+        if found:
+            lines += [
+                "",
+                f"`{b.get('bench_run', '')}` records its groups with all-equal rewards: "
+                + ", ".join(f"`{k}` = {v}" for k, v in found.items())
+                + ".",
+            ]
+    lines += ["", "Commands:", "", "```bash"]
+    lines += [shlex.join(["python", *b.get("argv", [])]) for b in benches]
+    return [*lines, "```", ""]
+
+
+def _zero_advantage_rows(n: Numbers, assets: Path) -> list[str]:
+    """Section 2: GRPO with and without skipping the rows of all-equal-reward groups."""
+    skip_seeds = len({f.seed for f in n.skip_facts})
+    lines = [
         "## 2. What GRPO saves by skipping zero-advantage rows",
         "",
         "A group whose rewards are all equal has advantage exactly 0 under GRPO's group "
         "baseline, so its rows contribute no gradient and grpo_lab skips their forward and "
         "backward passes; PPO's learned baseline gives those rows non-zero advantages, so it "
         "never can. GRPO as shipped against GRPO running every row "
-        f"(`trainer.skip_zero_advantage=false`), {len(sorted({f.seed for f in skip_facts}))} "
-        "seeds:",
+        f"(`trainer.skip_zero_advantage=false`), {skip_seeds} seeds:",
         "",
     ]
     rows = [
         [
             label(a) if a in LABELS else f"`{a}`",
-            est_pct(an.per_step_estimate(skip_facts, a, "reward/zero_std_groups")),
-            est_pct(an.per_step_estimate(skip_facts, a, "update/zero_advantage_rows_skipped")),
-            format_estimate(upd[a]),
-            format_estimate(an.over_seeds(skip_facts, a, "median_step_s")),
+            est_pct(an.per_step_estimate(n.skip_facts, a, "reward/zero_std_groups")),
+            est_pct(an.per_step_estimate(n.skip_facts, a, "update/zero_advantage_rows_skipped")),
+            format_estimate(n.update_s[a]),
+            format_estimate(an.over_seeds(n.skip_facts, a, "median_step_s")),
         ]
-        for a in skip_arms
+        for a in SKIP_ARMS
     ]
     lines += markdown_table(
         ["arm", "zero-std groups", "rows skipped", "update (s)", "median step (s)"], rows
     )
-    if bins:
-        lines += [
-            "",
-            "By the step's fraction of zero-std groups (steps pooled over seeds; fractions with "
-            "at least 20 steps in both arms):",
-            "",
-        ]
-        lines += markdown_table(
-            ["zero-std groups", "steps", "update skipping (s)", "update all rows (s)", "ratio"],
-            [
-                [
-                    pct(b.fraction),
-                    f"{b.steps['grpo']} / {b.steps['grpo_all_rows']}",
-                    f"{b.update_s['grpo']:.4f}",
-                    f"{b.update_s['grpo_all_rows']:.4f}",
-                    x(b.update_s["grpo"] / b.update_s["grpo_all_rows"]),
-                ]
-                for b in bins
-            ],
-        )
-        records = {
-            "GRPO, zero-advantage rows skipped": [
-                {"zero-std fraction": b.fraction, "update s": b.update_s["grpo"]} for b in bins
-            ],
-            "GRPO, every row": [
-                {"zero-std fraction": b.fraction, "update s": b.update_s["grpo_all_rows"]}
-                for b in bins
-            ],
-        }
-        if plot_metric_curves(
-            records, ["update s"], assets / "update_vs_zero_std.png", x="zero-std fraction"
-        ):
-            lines += ["", f"![Update time against zero-std groups]({rel}/update_vs_zero_std.png)"]
-    lines += [
+    if n.bins:
+        lines += _skip_bins(n.bins, assets)
+    return [
+        *lines,
         "",
         "Without skipping, the update's cost is the same whatever the rewards; with it, the "
         "update shrinks in proportion to the fraction of groups with signal, plus a fixed part.",
         "",
     ]
 
-    # ---- 3. benefit
-    lines += [
+
+def _skip_bins(bins: list[an.SkipBin], assets: Path) -> list[str]:
+    """Update time by the step's fraction of zero-std groups: a table and its plot."""
+    lines = [
+        "",
+        "By the step's fraction of zero-std groups (steps pooled over seeds; fractions with "
+        "at least 20 steps in both arms):",
+        "",
+    ]
+    lines += markdown_table(
+        ["zero-std groups", "steps", "update skipping (s)", "update all rows (s)", "ratio"],
+        [
+            [
+                pct(b.fraction),
+                f"{b.steps['grpo']} / {b.steps['grpo_all_rows']}",
+                f"{b.update_s['grpo']:.4f}",
+                f"{b.update_s['grpo_all_rows']:.4f}",
+                x(b.update_s["grpo"] / b.update_s["grpo_all_rows"]),
+            ]
+            for b in bins
+        ],
+    )
+    records = {
+        "GRPO, zero-advantage rows skipped": [
+            {"zero-std fraction": b.fraction, "update s": b.update_s["grpo"]} for b in bins
+        ],
+        "GRPO, every row": [
+            {"zero-std fraction": b.fraction, "update s": b.update_s["grpo_all_rows"]} for b in bins
+        ],
+    }
+    path = assets / "update_vs_zero_std.png"
+    if plot_metric_curves(records, ["update s"], path, x="zero-std fraction"):
+        lines += ["", f"![Update time against zero-std groups]({assets.name}/{path.name})"]
+    return lines
+
+
+def _learning(n: Numbers, rel: str) -> list[str]:
+    """Section 3: held-out accuracy before / after the same budget, and time to the target."""
+    lines = [
         "## 3. Learning per step and per second",
         "",
-        f"Every run trains for the same {budget:g} s of step time (`trainer.max_time_s`; "
+        f"Every run trains for the same {n.budget:g} s of step time (`trainer.max_time_s`; "
         "start-up and evaluation excluded), so the objectives differ in steps, not in compute: "
         "this is the equal-compute view. Held-out greedy accuracy is exact match on the 512 "
         f"held-out problems before and after; the target is a trailing 10-step mean training "
-        f"accuracy of {target:g} (sampled at temperature 1).",
+        f"accuracy of {n.target:g} (sampled at temperature 1).",
         "",
     ]
     rows = [
         [
             label(v),
-            format_estimate(steps_in_budget[v]),
-            est_pct(an.over_seeds(facts, v, "heldout_before")),
-            est_pct(afters[v]),
-            est_pct(gains[v]),
-            reach(v, "target_steps", ""),
-            reach(v, "target_wall_s", ""),
+            format_estimate(n.steps_in_budget[v]),
+            est_pct(an.over_seeds(n.facts, v, "heldout_before")),
+            est_pct(n.afters[v]),
+            est_pct(n.gains[v]),
+            _reach(n, v, "target_steps", ""),
+            _reach(n, v, "target_wall_s", ""),
         ]
-        for v in variants
+        for v in n.variants
     ]
-    lines += markdown_table(
-        [
-            "objective",
-            "steps in budget",
-            "held-out before",
-            "held-out after",
-            "gain (points)",
-            f"steps to {target:g}",
-            f"seconds to {target:g}",
-        ],
-        rows,
-    )
-    lines += [
+    head = ["objective", "steps in budget", "held-out before", "held-out after", "gain (points)"]
+    lines += markdown_table([*head, f"steps to {n.target:g}", f"seconds to {n.target:g}"], rows)
+    return [
+        *lines,
         "",
         "When only some seeds reached the target the mean is over those ([k/n seeds]), which "
         "flatters that objective.",
@@ -474,8 +556,10 @@ def write_document(inp: Inputs, out: Path) -> Path:
         "",
     ]
 
-    # ---- 4. explained variance
-    lines += [
+
+def _baseline_quality(n: Numbers, assets: Path) -> list[str]:
+    """Section 4: the value model's explained variance of the returns, early and late."""
+    lines = [
         "## 4. Does the value model learn a useful baseline?",
         "",
         "Explained variance of the returns by the rollout's values, 1 − Var(returns − values) / "
@@ -485,76 +569,77 @@ def write_document(inp: Inputs, out: Path) -> Path:
         "",
     ]
     rows = [
-        [
-            label(v),
-            format_estimate(e.early),
-            format_estimate(e.late),
-            est_pct(e.positive_late),
-        ]
-        for v, e in evs.items()
+        [label(v), format_estimate(e.early), format_estimate(e.late), est_pct(e.positive_late)]
+        for v, e in n.evs.items()
         if e is not None
     ]
     lines += markdown_table(["objective", "early", "late", "late steps with EV > 0"], rows)
-    ev_records = {label(v): an.mean_curve(facts, v, an.EV_KEY, window=10) for v in evs if evs[v]}
+    records = {
+        label(v): an.mean_curve(n.facts, v, an.EV_KEY, window=10) for v, e in n.evs.items() if e
+    }
+    path = assets / "explained_variance.png"
     if plot_metric_curves(
-        ev_records,
+        records,
         [an.EV_KEY],
-        assets / "explained_variance.png",
+        path,
         title="Explained variance, 10-step moving average,\nmean over the seeds that got to each step (at least half)",
     ):
-        lines += ["", f"![Explained variance over training]({rel}/explained_variance.png)"]
-    lines += [""]
+        lines += ["", f"![Explained variance over training]({assets.name}/{path.name})"]
+    return [*lines, ""]
 
-    # ---- 5. workload W
-    device, body = workload_w(inp.results_md)
-    lines += ["## 5. Workload W (Qwen2.5-0.5B shape, one GPU)", ""]
+
+def _workload_w_section(results_md: Path) -> list[str]:
+    """Section 5: workload W copied from RESULTS.md, or how to measure it."""
+    device, body = workload_w(results_md)
+    lines = ["## 5. Workload W (Qwen2.5-0.5B shape, one GPU)", ""]
     if device:
-        lines += [f"From `benchmarks/RESULTS.md` (device: {device}):", "", *body, ""]
-    else:
-        lines += [
-            "**Not measured yet.** Every figure above comes from a CPU; the memory half of the "
-            "question (a 0.5B model's weights, gradients and optimizer state against the value "
-            "head's few kilobytes or a second 0.5B critic) needs workload W on a GPU. Measure it "
-            "with",
-            "",
-            "```bash",
-            W_COMMAND,
-            "```",
-            "",
-            "and record it in `benchmarks/RESULTS.md` under a `## Workload W` heading with "
-            "`Device:` and `Date:` lines and the result table; `make answer` then copies it here.",
-            "",
-        ]
+        return [*lines, f"From `benchmarks/RESULTS.md` (device: {device}):", "", *body, ""]
+    return [
+        *lines,
+        "**Not measured yet.** Every figure above comes from a CPU; the memory half of the "
+        "question (a 0.5B model's weights, gradients and optimizer state against the value "
+        "head's few kilobytes or a second 0.5B critic) needs workload W on a GPU. Measure it "
+        "with",
+        "",
+        "```bash",
+        W_COMMAND,
+        "```",
+        "",
+        "and record it in `benchmarks/RESULTS.md` under a `## Workload W` heading with "
+        "`Device:` and `Date:` lines and the result table; `make answer` then copies it here.",
+        "",
+    ]
 
-    # ---- how it was made
-    lines += [
+
+def _how_it_was_made(inp: Inputs, n: Numbers, rel: str) -> list[str]:
+    """The command, the sweeps behind the numbers, and the CSVs beside the document."""
+    return [
         "## How this was made",
         "",
         f"`{inp.command}` runs, skipping what is already finished under `{inp.runs}/`:",
         "",
         "- the step benchmark (commands above; its JSON is kept beside the runs);",
-        f"- `grpo-lab sweep recipes/sweeps/answer_tiny.yaml` ({len(facts)} runs; its own "
+        f"- `grpo-lab sweep recipes/sweeps/answer_tiny.yaml` ({len(n.facts)} runs; its own "
         f"report is `{inp.benefit.report_path}`);",
-        f"- `grpo-lab sweep recipes/sweeps/zero_advantage_tiny.yaml` ({len(skip_facts)} runs).",
+        f"- `grpo-lab sweep recipes/sweeps/zero_advantage_tiny.yaml` ({len(n.skip_facts)} runs).",
         "",
         f"Per-objective tables: [`{rel}/summary.csv`]({rel}/summary.csv); every figure quoted "
         f"here with its interval: [`{rel}/answer.csv`]({rel}/answer.csv).",
         "",
     ]
 
-    # ---- files beside the document
+
+def _copy_sweep_files(sweep_dir: Path, assets: Path) -> None:
+    """The benefit sweep's accuracy and step-time plots and its summary.csv, renamed."""
     for name, target_name in (
         ("reward_vs_step.png", "accuracy_vs_step.png"),
         ("reward_vs_wallclock.png", "accuracy_vs_wallclock.png"),
         ("step_time.png", "step_time.png"),
         ("summary.csv", "summary.csv"),
     ):
-        src = inp.benefit.output_dir / name
+        src = sweep_dir / name
         if src.is_file():
             shutil.copyfile(src, assets / target_name)
-    figs.write(assets / "answer.csv")
-    out.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
-    return out
 
 
 def _budget(summary: SweepSummary) -> float:
