@@ -1,4 +1,5 @@
-"""Line plots of metrics against steps, shared by the sweep report and ``grpo-lab show --plot``.
+"""Line plots of metrics, the one way grpo_lab draws curves: ``grpo-lab show --plot``, the sweep
+report and docs/answer.md all go through :func:`line_plot`.
 
 matplotlib is optional (``pip install 'grpo_lab[bench]'``): :func:`figure_class` returns None
 without it and callers say so. Figures are drawn with matplotlib's object API (no pyplot, no
@@ -44,26 +45,52 @@ class Line:
     marker: str | None = None
 
 
+@dataclass(frozen=True)
+class Panel:
+    """One set of axes of a :func:`line_plot`: its lines, its y label and a reference line.
+
+    ``hline`` draws a dashed grey horizontal line at that y (e.g. a target accuracy).
+    """
+
+    lines: Sequence[Line]
+    ylabel: str
+    hline: float | None = None
+    hline_label: str | None = None
+
+
 def line_plot(
     Figure: Any,
     path: str | Path,
-    lines: Sequence[Line],
+    panels: Sequence[Panel],
     *,
     xlabel: str,
-    ylabel: str,
-    title: str,
-    hline: float | None = None,
-    hline_label: str | None = None,
+    title: str | None = None,
     size: tuple[float, float] = (7, 4.2),
     integer_x: bool = False,
 ) -> Path:
-    """Draw ``lines`` on one set of axes and save the PNG at ``path``; returns ``path``.
+    """Draw each panel on its own axes, stacked top to bottom, and save the PNG at ``path``.
 
-    ``integer_x`` puts x ticks on whole numbers only (steps).
+    The x label goes under the last panel; ``title`` above the axes of a single panel, above
+    the figure for several. ``integer_x`` puts x ticks on whole numbers only (steps).
+    Returns ``path``.
     """
     fig = Figure(figsize=size, layout="constrained")
-    ax = fig.subplots()
-    for line in lines:
+    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
+    for ax, panel in zip(axes, panels):
+        _draw_panel(ax, panel, integer_x)
+    axes[-1].set_xlabel(xlabel)
+    if title and len(panels) == 1:
+        axes[0].set_title(title)
+    elif title:
+        fig.suptitle(title)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _draw_panel(ax: Any, panel: Panel, integer_x: bool) -> None:
+    """The panel's lines (and confidence bands), reference line, y label, grid and legend."""
+    for line in panel.lines:
         ax.plot(
             line.x,
             line.y,
@@ -82,18 +109,13 @@ def line_plot(
             if band:
                 bx, lo, hi = zip(*band)
                 ax.fill_between(bx, lo, hi, color=line.color, alpha=0.2, linewidth=0)
-    if hline is not None:
-        ax.axhline(hline, color="grey", linestyle="--", linewidth=1, label=hline_label)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    if panel.hline is not None:
+        ax.axhline(panel.hline, color="grey", linestyle="--", linewidth=1, label=panel.hline_label)
+    ax.set_ylabel(panel.ylabel)
     ax.grid(alpha=0.3)
     if integer_x:
         from matplotlib.ticker import MaxNLocator
 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if any(line.label for line in lines) or hline_label:
+    if any(line.label for line in panel.lines) or panel.hline_label:
         ax.legend(fontsize=8)
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    return path

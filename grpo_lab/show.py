@@ -23,7 +23,7 @@ from typing import Any
 
 from grpo_lab.config import Config, load_config
 from grpo_lab.harness import MetricsWriter
-from grpo_lab.plots import MISSING, Line, figure_class, line_plot
+from grpo_lab.plots import MISSING, Line, Panel, figure_class, line_plot
 from grpo_lab.samples import SAMPLES_FILE
 from grpo_lab.sweep import moving_average
 
@@ -299,9 +299,8 @@ def write_plots(run: Run, out_dir: Path) -> list[Path]:
                 line_plot(
                     Figure,
                     out_dir / name,
-                    lines,
+                    [Panel(lines, ylabel)],
                     xlabel="optimizer step",
-                    ylabel=ylabel,
                     title=f"{title}: {run.path.name}",
                     integer_x=True,
                 )

@@ -47,3 +47,27 @@ def test_mean_curve_drops_steps_fewer_than_half_the_seeds_reached():
         [run(0, [0.0, 1.0, 5.0]), run(1, [2.0, 3.0]), run(2, [4.0])]
     )
     assert steps == [1, 2] and means == [2.0, 2.0] and walls == [1.0, 2.0]
+
+
+def test_metric_curves_draw_through_the_one_line_plot(tmp_path, monkeypatch):
+    # plot_metric_curves (the answer document's curves) hands grpo_lab.plots.line_plot one panel
+    # per metric, one line per run that logged it, as `grpo-lab show --plot` and the sweep do.
+    import grpo_lab.sweep.plots as sweep_plots
+
+    drawn = {}
+
+    def fake_line_plot(Figure, path, panels, **kw):
+        drawn.update(panels=panels, **kw)
+        return path
+
+    monkeypatch.setattr(sweep_plots, "line_plot", fake_line_plot)
+    records = {
+        "a": [{"step": 1, "x/y": 1.0}, {"step": 2, "x/y": 3.0}],
+        "b": [{"step": 1, "x/z": 2.0}],
+    }
+    plot_metric_curves(records, ["x/y", "x/z"], tmp_path / "p.png", window=2, title="T")
+    y, z = drawn["panels"]
+    assert [line.label for line in y.lines] == ["a"] and list(y.lines[0].y) == [1.0, 2.0]
+    assert [(line.label, line.color) for line in z.lines] == [("b", "C1")]
+    assert y.ylabel == "x/y\n(2-step moving avg)"
+    assert (drawn["xlabel"], drawn["title"], drawn["size"]) == ("step", "T", (7, 5.8))

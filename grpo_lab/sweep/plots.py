@@ -1,9 +1,10 @@
 """PNG plots of a sweep, drawn with matplotlib's object API (no pyplot state, no display).
 
 :func:`plot_metric_curves` is the general one: metric curves against step (or any logged x such
-as cumulative step time) from metrics.jsonl records, one line per run. The others draw a
-sweep's groups: mean curves over seeds with confidence bands, and bars of memory, step time by
-phase and throughput. Without matplotlib every function returns nothing and writes no file.
+as cumulative step time) from metrics.jsonl records, one line per run. The others draw a sweep's
+groups: mean curves over seeds with confidence bands, and bars of memory, step time by phase and
+throughput. Every curve is drawn by :func:`grpo_lab.plots.line_plot`. Without matplotlib every
+function returns nothing and writes no file.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from grpo_lab.plots import MISSING, Line, figure_class, line_plot
+from grpo_lab.plots import MISSING, Line, Panel, figure_class, line_plot
 from grpo_lab.sweep.stats import TARGET_WINDOW, mean_ci, moving_average
 from grpo_lab.sweep.summary import GroupSummary, RunStats, _num, phase_sorted
 
@@ -34,38 +35,30 @@ def plot_metric_curves(
     ``runs`` maps a label to that run's metrics.jsonl records (``MetricsWriter.read``); a record
     enters a panel when it holds finite numbers at both ``x`` and the metric, so evaluation
     records draw their own curve under ``eval/*`` keys. ``window`` > 1 draws the trailing moving
-    average. Returns the written file, or None when matplotlib is missing or nothing was logged.
+    average. Drawn by :func:`grpo_lab.plots.line_plot`. Returns the written file, or None when
+    matplotlib is missing or nothing was logged.
     """
     Figure = figure_class()
     if Figure is None or not metrics:
         return None
-    fig = Figure(figsize=(7, 2.6 * len(metrics) + 0.6), layout="constrained")
-    axes = fig.subplots(len(metrics), 1, squeeze=False)[:, 0]
-    drawn = False
-    for ax, metric in zip(axes, metrics):
+    panels = []
+    for metric in metrics:
+        lines = []
         for i, (label, records) in enumerate(runs.items()):
             points = [
                 (xv, yv)
                 for r in records
                 if (xv := _num(r, x)) is not None and (yv := _num(r, metric)) is not None
             ]
-            if not points:
-                continue
-            xs, ys = zip(*points)
-            ax.plot(xs, moving_average(ys, window), color=f"C{i % 10}", label=label)
-            drawn = True
-        ax.set_ylabel(metric if window == 1 else f"{metric}\n({window}-step moving avg)")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    axes[-1].set_xlabel(x)
-    if title:
-        fig.suptitle(title)
-    if not drawn:
+            if points:
+                xs, ys = zip(*points)
+                lines.append(Line(label, xs, moving_average(ys, window), color=f"C{i % 10}"))
+        ylabel = metric if window == 1 else f"{metric}\n({window}-step moving avg)"
+        panels.append(Panel(lines, ylabel))
+    if not any(panel.lines for panel in panels):
         return None
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    return path
+    size = (7, 2.6 * len(metrics) + 0.6)
+    return line_plot(Figure, path, panels, xlabel=x, title=title, size=size)
 
 
 def write_plots(
@@ -126,15 +119,18 @@ def _plot_curves(Figure, path, groups, colors, x: str, target: float | None) -> 
         xs = steps if x == "step" else walls
         lines.append(Line(f"{g.group} (n={g.n_seeds})", xs, means, halves, color=colors[g.group]))
     show_target = target is not None and metric == "reward/accuracy"
+    panel = Panel(
+        lines,
+        ylabel=f"{metric} ({TARGET_WINDOW}-step moving avg)",
+        hline=target if show_target else None,
+        hline_label=f"target {target:g}" if show_target else None,
+    )
     line_plot(
         Figure,
         path,
-        lines,
+        [panel],
         xlabel="optimizer step" if x == "step" else "wall-clock (s, cumulative step time)",
-        ylabel=f"{metric} ({TARGET_WINDOW}-step moving avg)",
         title=f"{metric} vs {'step' if x == 'step' else 'wall-clock'}: mean ± 95% CI over seeds",
-        hline=target if show_target else None,
-        hline_label=f"target {target:g}" if show_target else None,
     )
     return True
 
