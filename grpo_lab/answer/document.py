@@ -26,6 +26,7 @@ W_COMMAND = (
     "python benchmarks/step_bench.py --preset w0.5b "
     "--impls trl,grpo,ppo_head_matched,ppo_critic_matched"
 )
+SKIP_ARMS = ("grpo", "grpo_all_rows")  # the zero-advantage sweep: skipping, every row
 W_HEADING = re.compile(r"^##+\s+Workload W\b", re.IGNORECASE)
 
 
@@ -188,10 +189,8 @@ class Numbers:
     evs: dict[str, an.ExplainedVariance | None]
 
 
-SKIP_ARMS = ("grpo", "grpo_all_rows")
-
-
 def _numbers(inp: Inputs) -> Numbers:
+    """Every number the document quotes, from the two sweeps and the step benchmark."""
     facts = an.run_facts(inp.benefit)
     skip_facts = an.run_facts(inp.skipping)
     variants = [g.variant for g in inp.benefit.groups]
