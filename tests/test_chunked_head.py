@@ -348,7 +348,7 @@ def test_softcapped_logits_are_refused_by_the_config_rule(forward):
 def test_unlisted_logit_transform_fails_the_check(forward, monkeypatch):
     """With the config rule emptied the same soft-capped model reaches the numeric check,
     which fails (with a warning); that call and every later one use the model's own logits."""
-    monkeypatch.setattr(models, "LOGIT_TRANSFORM_FIELDS", ())
+    monkeypatch.setattr(models.shared_prompt, "LOGIT_TRANSFORM_FIELDS", ())
     lm = tiny_gemma2(final_logit_softcapping=0.5)
     recorder = Recorder(lm)
     batch = make_batch()
