@@ -1,6 +1,8 @@
 """Tests for grpo_lab.models: the shared completion forward against plain full-forward
 references, value alignment, gradient paths, critic independence, save/load, loaders, LoRA."""
 
+import math
+
 import pytest
 import tiny_models
 import torch
@@ -14,6 +16,7 @@ from transformers import (
 )
 
 from grpo_lab import models
+from grpo_lab.algos import entropy_from_logits
 from grpo_lab.models import (
     Critic,
     PolicyWithValueHead,
@@ -163,6 +166,23 @@ def test_token_logprobs_gradient_matches_plain_autograd(min_recompute_elements):
     torch.testing.assert_close(chunked_grad, logits.grad)
 
 
+@pytest.mark.parametrize("min_recompute_elements", [0, 2**20])  # checkpointed / kept chunks
+def test_token_logprobs_entropy_is_algos_entropy(min_recompute_elements):
+    """The forwards' entropy is algos.entropy_from_logits of the float32 logits / T, bit for bit;
+    a -inf logit (a banned token) adds 0 to it, and its gradient stays finite."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7).to(torch.bfloat16)
+    logits[0, 1, 3] = -math.inf
+    logits.requires_grad_()
+    targets = torch.randint(0, 3, (2, 5))
+    kwargs = dict(temperature=0.7, chunk_size=2, min_recompute_elements=min_recompute_elements)
+    _, entropy = token_logprobs(logits, targets, compute_entropy=True, **kwargs)
+    assert torch.equal(entropy, entropy_from_logits(logits.float() / 0.7))
+    assert torch.isfinite(entropy).all()
+    entropy.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+
+
 def test_bf16_logits_give_float32_logp():
     logits = torch.randn(2, 3, 7).to(torch.bfloat16)
     targets = torch.randint(0, 7, (2, 3))
@@ -209,6 +229,31 @@ def test_critic_values_aligned_and_no_logits():
     expected = torch.stack([critic.v_head(hidden[:, p - 1 + t]) for t in range(c)], dim=1)
     assert out.logp is None and out.entropy is None
     torch.testing.assert_close(real(out.values, mask), real(expected, mask))
+
+
+def test_critic_values_to_keep_defaults_to_logits_to_keep():
+    """A critic computes no logits: values_to_keep selects its value positions (int or index
+    tensor), and without it logits_to_keep does, as for the policy with value head."""
+    critic = Critic(tiny_lm(seed=3).model)
+    ids, mask = ragged_batch()
+    with torch.no_grad():
+        every = critic(input_ids=ids, attention_mask=mask).values  # [N, T]
+        by_logits = critic(input_ids=ids, attention_mask=mask, logits_to_keep=3)
+        by_values = critic(input_ids=ids, attention_mask=mask, values_to_keep=3)
+        index = torch.tensor([0, 2])
+        by_index = critic(
+            input_ids=ids, attention_mask=mask, logits_to_keep=1, values_to_keep=index
+        )
+    assert by_logits.logits is None and by_values.logits is None
+    assert torch.equal(by_values.values, by_logits.values)
+    torch.testing.assert_close(by_values.values, every[:, -3:])
+    torch.testing.assert_close(by_index.values, every[:, index])
+
+
+def test_one_model_name_resolver():
+    from grpo_lab import hub
+
+    assert models.resolve_model_path is hub.resolve_model_path
 
 
 def test_value_loss_trains_head_and_shared_trunk():
