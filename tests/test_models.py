@@ -336,6 +336,17 @@ def test_critic_save_load_roundtrip(tmp_path):
     torch.testing.assert_close(after, before)
 
 
+def test_unreadable_critic_folder_is_one_line_naming_its_key(tmp_path):
+    """The critic's trunk loads through the same loader as the policy, so an unreadable
+    folder is one ModelSourceError naming the config keys it can come from."""
+    from grpo_lab.errors import ModelSourceError
+
+    folder = save_tiny(tmp_path / "lm")
+    (tmp_path / "lm" / "config.json").write_text("{ not json")
+    with pytest.raises(ModelSourceError, match=r"cannot load .*\(ppo.critic_model or model"):
+        models.load_critic(folder)
+
+
 def test_head_is_fresh_when_checkpoint_has_none(tmp_path):
     folder = save_tiny(tmp_path / "lm")
     policy = PolicyWithValueHead.from_pretrained(folder)

@@ -94,10 +94,33 @@ def load_causal_lm(
     ``config.use_cache`` is turned off because training forwards never reuse a KV cache;
     :mod:`grpo_lab.rollout` asks for the cache explicitly when generating.
     """
+    return _load_pretrained(
+        AutoModelForCausalLM,
+        name_or_path,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        gradient_checkpointing=gradient_checkpointing,
+        trust_remote_code=trust_remote_code,
+    )
+
+
+def _load_pretrained(
+    auto_class: type,
+    name_or_path: str,
+    *,
+    dtype: str,
+    attn_implementation: str | None,
+    gradient_checkpointing: bool,
+    trust_remote_code: bool,
+    key: str = "model.name_or_path",
+) -> PreTrainedModel:
+    """``auto_class.from_pretrained`` (``AutoModelForCausalLM`` for a policy, ``AutoModel`` for
+    a critic's trunk) of a resolved model name, set up for training; a model that cannot be
+    loaded is one line naming it and the config ``key`` it came from."""
     torch_dtype = resolve_dtype(dtype)
     path = resolve_model_path(name_or_path)
-    with _loading(name_or_path):
-        model = AutoModelForCausalLM.from_pretrained(
+    with _loading(name_or_path, key):
+        model = auto_class.from_pretrained(
             path,
             dtype=torch_dtype,
             attn_implementation=attn_implementation,
@@ -107,7 +130,7 @@ def load_causal_lm(
 
 
 @contextlib.contextmanager
-def _loading(name_or_path: str) -> Iterator[None]:
+def _loading(name_or_path: str, key: str = "model.name_or_path") -> Iterator[None]:
     """A model or tokenizer that cannot be loaded (bad config.json, truncated weights, missing
     files, remote code not allowed) as one line naming it."""
     from grpo_lab.errors import ModelSourceError, UserError, one_line
@@ -118,14 +141,13 @@ def _loading(name_or_path: str) -> Iterator[None]:
         raise
     except (OSError, ValueError, KeyError) as e:
         raise ModelSourceError(
-            f"cannot load {name_or_path!r} (model.name_or_path): {type(e).__name__}: "
-            f"{one_line(str(e))[:300]}"
+            f"cannot load {name_or_path!r} ({key}): {type(e).__name__}: {one_line(str(e))[:300]}"
         ) from e
     except Exception as e:
         if type(e).__name__ != "SafetensorError":
             raise
         raise ModelSourceError(
-            f"cannot load {name_or_path!r} (model.name_or_path): its weights are unreadable "
+            f"cannot load {name_or_path!r} ({key}): its weights are unreadable "
             f"({one_line(str(e))[:200]})"
         ) from e
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,10 +29,9 @@ from transformers import AutoModel, PretrainedConfig, PreTrainedModel
 
 from grpo_lab.hub import resolve_model_path
 from grpo_lab.models.loading import (
-    _prepare_for_training,
+    _load_pretrained,
     enable_gradient_checkpointing,
     load_causal_lm,
-    resolve_dtype,
 )
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -86,7 +86,62 @@ def _hidden_size(config: PretrainedConfig) -> int:
     return config.get_text_config().hidden_size
 
 
-class PolicyWithValueHead(nn.Module):
+class _TrunkWithHead(nn.Module):
+    """What :class:`PolicyWithValueHead` and :class:`Critic` share: a transformers trunk plus a
+    :class:`ValueHead`, the trunk's config and checkpointing, and saving / loading both.
+
+    A subclass names its trunk's attribute in ``_trunk_name`` (``lm``, ``backbone``: parameter
+    names, hence checkpoints, depend on it) and how the trunk loads in ``_load_trunk``.
+    """
+
+    _trunk_name: str
+    v_head: ValueHead
+
+    @property
+    def trunk(self) -> PreTrainedModel:
+        return getattr(self, self._trunk_name)
+
+    @property
+    def config(self) -> PretrainedConfig:
+        return self.trunk.config
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
+        enable_gradient_checkpointing(self.trunk, gradient_checkpointing_kwargs)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """The trunk via its own ``save_pretrained`` (a peft model writes its adapter) plus
+        ``value_head.safetensors``."""
+        self.trunk.save_pretrained(path)
+        _save_head(self.v_head, path)
+
+    @classmethod
+    def _load_trunk(cls, name_or_path: str, **load_kwargs) -> PreTrainedModel:
+        raise NotImplementedError
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        dtype: str = "float32",
+        attn_implementation: str | None = None,
+        gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+    ) -> Self:
+        """The trunk from any causal-LM folder or one this class saved; the head from
+        ``value_head.safetensors`` if present, else freshly initialised (so a plain causal-LM
+        checkpoint starts PPO)."""
+        trunk = cls._load_trunk(
+            name_or_path,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            gradient_checkpointing=gradient_checkpointing,
+            trust_remote_code=trust_remote_code,
+        )
+        return cls(trunk, _load_head(name_or_path, _hidden_size(trunk.config)))
+
+
+class PolicyWithValueHead(_TrunkWithHead):
     """A causal LM plus a :class:`ValueHead` on its last hidden state (the shared trunk).
 
     One forward gives logits and a value per position; a value loss therefore trains the head
@@ -96,22 +151,17 @@ class PolicyWithValueHead(nn.Module):
     passes.
     """
 
+    _trunk_name = "lm"
+
     def __init__(self, lm: PreTrainedModel, v_head: ValueHead | None = None):
         super().__init__()
         self.lm = lm
         self.v_head = v_head if v_head is not None else ValueHead(_hidden_size(lm.config))
 
     @property
-    def config(self) -> PretrainedConfig:
-        return self.lm.config
-
-    @property
     def generation_model(self) -> PreTrainedModel:
         """The module :func:`grpo_lab.rollout.generate` samples from."""
         return self.lm
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
-        enable_gradient_checkpointing(self.lm, gradient_checkpointing_kwargs)
 
     def forward(
         self,
@@ -153,35 +203,12 @@ class PolicyWithValueHead(nn.Module):
             hidden_states=out.hidden_states if output_hidden_states else None,
         )
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """The lm via its own ``save_pretrained`` (a peft model writes its adapter) plus
-        ``value_head.safetensors``."""
-        self.lm.save_pretrained(path)
-        _save_head(self.v_head, path)
-
     @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str,
-        *,
-        dtype: str = "float32",
-        attn_implementation: str | None = None,
-        gradient_checkpointing: bool = False,
-        trust_remote_code: bool = False,
-    ) -> PolicyWithValueHead:
-        """Load the lm; the head from ``value_head.safetensors`` if present, else freshly
-        initialised (so a plain causal-LM checkpoint starts PPO)."""
-        lm = load_causal_lm(
-            name_or_path,
-            dtype=dtype,
-            attn_implementation=attn_implementation,
-            gradient_checkpointing=gradient_checkpointing,
-            trust_remote_code=trust_remote_code,
-        )
-        return cls(lm, _load_head(name_or_path, _hidden_size(lm.config)))
+    def _load_trunk(cls, name_or_path: str, **load_kwargs) -> PreTrainedModel:
+        return load_causal_lm(name_or_path, **load_kwargs)
 
 
-class Critic(nn.Module):
+class Critic(_TrunkWithHead):
     """A separate value model: its own transformer trunk plus a :class:`ValueHead`.
 
     The trunk is the base model without the LM head (``AutoModel``), so an untied LM head is
@@ -189,17 +216,12 @@ class Critic(nn.Module):
     checkpoint such as the policy's. The forward returns values only (``logits`` is None).
     """
 
+    _trunk_name = "backbone"
+
     def __init__(self, backbone: PreTrainedModel, v_head: ValueHead | None = None):
         super().__init__()
         self.backbone = backbone
         self.v_head = v_head if v_head is not None else ValueHead(_hidden_size(backbone.config))
-
-    @property
-    def config(self) -> PretrainedConfig:
-        return self.backbone.config
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
-        enable_gradient_checkpointing(self.backbone, gradient_checkpointing_kwargs)
 
     def forward(
         self,
@@ -228,49 +250,18 @@ class Critic(nn.Module):
         hidden = _keep_positions(out.last_hidden_state, keep)  # [N, K, H]
         return ValueModelOutput(values=self.v_head(hidden))
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """The trunk via its own ``save_pretrained`` plus ``value_head.safetensors``."""
-        self.backbone.save_pretrained(path)
-        _save_head(self.v_head, path)
-
     @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str,
-        *,
-        dtype: str = "float32",
-        attn_implementation: str | None = None,
-        gradient_checkpointing: bool = False,
-        trust_remote_code: bool = False,
-    ) -> Critic:
-        """Trunk from any causal-LM or critic folder; head from ``value_head.safetensors`` if
-        present, else freshly initialised."""
-        backbone = AutoModel.from_pretrained(
-            resolve_model_path(name_or_path),
-            dtype=resolve_dtype(dtype),
-            attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code,
+    def _load_trunk(cls, name_or_path: str, **load_kwargs) -> PreTrainedModel:
+        return _load_pretrained(
+            AutoModel, name_or_path, key="ppo.critic_model or model.name_or_path", **load_kwargs
         )
-        backbone = _prepare_for_training(backbone, gradient_checkpointing)
-        return cls(backbone, _load_head(name_or_path, _hidden_size(backbone.config)))
 
 
-def load_critic(
-    name_or_path: str,
-    *,
-    dtype: str = "float32",
-    attn_implementation: str | None = None,
-    gradient_checkpointing: bool = False,
-    trust_remote_code: bool = False,
-) -> Critic:
-    """:meth:`Critic.from_pretrained`; pass the policy's checkpoint for the usual PPO setup."""
-    return Critic.from_pretrained(
-        name_or_path,
-        dtype=dtype,
-        attn_implementation=attn_implementation,
-        gradient_checkpointing=gradient_checkpointing,
-        trust_remote_code=trust_remote_code,
-    )
+def load_critic(name_or_path: str, **load_kwargs) -> Critic:
+    """:meth:`Critic.from_pretrained` (the same keyword arguments: ``dtype``,
+    ``attn_implementation``, ``gradient_checkpointing``, ``trust_remote_code``); pass the
+    policy's checkpoint for the usual PPO setup."""
+    return Critic.from_pretrained(name_or_path, **load_kwargs)
 
 
 def _save_head(head: ValueHead, path: str | Path) -> None:
