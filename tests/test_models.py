@@ -455,3 +455,18 @@ def test_float32_chunks_stay_under_the_element_budget(monkeypatch):
     assert calls == [(2, 2, 7), (2, 2, 7), (2, 1, 7)]
     torch.testing.assert_close(logp, whole)
     torch.testing.assert_close(entropy, whole_entropy)
+
+
+# Every name importable from grpo_lab.models when it was one file: the package keeps them all.
+PUBLIC_NAMES = """CompletionOutputs Critic DTYPES LOGIT_TRANSFORM_FIELDS MAX_LOGIT_ELEMENTS
+PolicyWithValueHead SHARED_PROMPT_ATTENTION VALUE_HEAD_FILE ValueHead ValueModelOutput apply_lora
+attention_implementation completion_forward enable_gradient_checkpointing load_causal_lm
+load_critic load_reference load_tokenizer position_ids_from_mask random_init_causal_lm
+resolve_dtype resolve_model_path shared_prompt_completion_forward token_logprobs""".split()
+
+
+def test_package_keeps_every_public_name():
+    assert sorted(models.__all__) == sorted(PUBLIC_NAMES)
+    assert all(
+        hasattr(models, name) for name in [*PUBLIC_NAMES, "_HEAD_CHECKS", "_is_non_reentrant"]
+    )
