@@ -20,7 +20,8 @@ Which file owns what (every name below is importable from ``grpo_lab.models`` it
 - :mod:`~grpo_lab.models.logprobs`: :func:`token_logprobs`, float32 log-probs and entropy
   (:func:`grpo_lab.algos.entropy_from_logprobs`) from logits, chunk by chunk.
 
-Dependencies run one way: loading <- value <- logprobs/chunked_head <- forward <- shared_prompt.
+Imports run one way, each file using only those before it: loading, value, logprobs,
+chunked_head, forward, shared_prompt.
 """
 
 from grpo_lab.hub import resolve_model_path
