@@ -79,8 +79,8 @@ def whiten(
 
 
 def entropy_from_logprobs(logp: Tensor) -> Tensor:
-    """Shannon entropy ``-sum_v p_v log p_v`` of distributions given by their log-probabilities:
-    logp [..., V] (normalised, e.g. a log-softmax) -> [...], in logp's dtype.
+    """Shannon entropy ``-sum_v p_v log p_v`` (Shannon 1948) of distributions given by their
+    log-probabilities: logp [..., V] (normalised, e.g. a log-softmax) -> [...], in its dtype.
 
     A token with log-prob -inf (a banned token, probability 0) contributes 0, the limit of
     ``p log p`` as p -> 0, rather than ``0 * -inf = NaN``; on finite log-probs the result is
