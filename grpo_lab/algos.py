@@ -78,11 +78,24 @@ def whiten(
     return torch.where(mask.bool(), out, 0)
 
 
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of softmax(``logits``) [..., V] -> [...]; -inf logits (banned tokens) are fine."""
-    logp = torch.log_softmax(logits, dim=-1)
+def entropy_from_logprobs(logp: Tensor) -> Tensor:
+    """Shannon entropy ``-sum_v p_v log p_v`` (Shannon 1948) of distributions given by their
+    log-probabilities: logp [..., V] (normalised, e.g. a log-softmax) -> [...], in its dtype.
+
+    A token with log-prob -inf (a banned token, probability 0) contributes 0, the limit of
+    ``p log p`` as p -> 0, rather than ``0 * -inf = NaN``; on finite log-probs the result is
+    exactly ``-(exp(logp) * logp).sum(-1)``. The training forwards
+    (:func:`grpo_lab.models.token_logprobs`) call this on their float32 log-softmax.
+    """
     # NOTE: masked_fill rather than where so that 0 * (-inf) never appears in the backward pass.
     return -(logp.exp() * logp.masked_fill(torch.isneginf(logp), 0.0)).sum(-1)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of softmax(``logits``): [..., V] -> [...], in logits' dtype; -inf logits (banned
+    tokens) contribute 0. ``entropy_from_logits(z.float() / T)`` is the entropy the training
+    forwards report at temperature T, bit for bit (:func:`entropy_from_logprobs`)."""
+    return entropy_from_logprobs(torch.log_softmax(logits, dim=-1))
 
 
 # ----------------------------------------------------------------------------- advantages

@@ -64,7 +64,7 @@ def run_demo(
 ) -> list[dict]:
     """Train each objective for ``budget_s`` seconds of step time (or ``steps`` steps, or
     whichever comes first when both are given); print and return one row per objective."""
-    from grpo_lab.tiny import resolve_model_path
+    from grpo_lab.hub import resolve_model_path
     from grpo_lab.trainer import train
 
     rows = []

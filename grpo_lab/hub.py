@@ -3,9 +3,11 @@
 The hub libraries retry a connection that cannot succeed for the better part of a minute and then
 report it with a traceback. Before anything asks the hub, :func:`hub_unreachable_reason` answers
 in at most ``PROBE_TIMEOUT_S`` (the offline switches, else one TCP connection to the hub or the
-HTTPS proxy, remembered for the process), and :func:`resolve_model_source` turns every model name
+HTTPS proxy, remembered for the process), and :func:`resolve_model_path` turns every model name
 into something loadable or a one-line :class:`~grpo_lab.errors.ModelSourceError`:
 
+- ``builtin:tiny-arith`` is the embedded tiny model, built and cached on first use
+  (:func:`grpo_lab.tiny.ensure_tiny_model`); any other ``builtin:`` name is an error;
 - an existing folder must hold a model (``config.json``), a LoRA ``adapter_config.json`` or a
   tokenizer;
 - a name that can only be a path (``/x``, ``./x``, ``~/x``, ``a/b/c``, or not a valid hub id)
@@ -24,9 +26,16 @@ from urllib.parse import urlparse
 
 from grpo_lab.errors import ModelSourceError
 
-__all__ = ["PROBE_TIMEOUT_S", "hub_unreachable_reason", "resolve_model_source"]
+__all__ = [
+    "BUILTIN_PREFIX",
+    "PROBE_TIMEOUT_S",
+    "hub_unreachable_reason",
+    "resolve_model_path",
+    "resolve_model_source",
+]
 
 PROBE_TIMEOUT_S = 3.0
+BUILTIN_PREFIX = "builtin:"
 # Any of these makes a folder something to load from (a model, a LoRA adapter, a tokenizer).
 _MODEL_FILES = ("config.json", "adapter_config.json", "tokenizer_config.json", "tokenizer.json")
 _OFFLINE_SWITCHES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
@@ -69,8 +78,28 @@ def _is_hub_id(name: str) -> bool:
     return True
 
 
+def resolve_model_path(name_or_path: str) -> str:
+    """What ``from_pretrained`` should load for a model name, else a one-line error.
+
+    The one resolver of model names (``model.name_or_path``, ``ppo.critic_model``, ``grpo-lab
+    eval --model``): a ``builtin:`` name is the embedded model's cached folder, anything else
+    goes through :func:`resolve_model_source`.
+    """
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        from grpo_lab import tiny
+
+        if name_or_path != tiny.TINY_MODEL_NAME:
+            raise ModelSourceError(
+                f"model {name_or_path!r}: no such builtin model; the embedded one is "
+                f"{tiny.TINY_MODEL_NAME!r}"
+            )
+        return str(tiny.ensure_tiny_model())
+    return resolve_model_source(name_or_path)
+
+
 def resolve_model_source(name_or_path: str) -> str:
-    """A local folder, or a hub name that can be loaded now; else a one-line error."""
+    """A local folder, or a hub name that can be loaded now; else a one-line error (the
+    non-builtin half of :func:`resolve_model_path`)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if any((path / name).is_file() for name in _MODEL_FILES):

@@ -15,6 +15,7 @@ from grpo_lab.algos import (
     POLICY_LOSSES,
     aggregate,
     entropy_from_logits,
+    entropy_from_logprobs,
     explained_variance,
     gae,
     get_advantage_estimator,
@@ -218,6 +219,20 @@ def test_entropy_from_logits():
     ent.sum().backward()
     assert_close(ent.detach(), t([0.0, math.log(2)]))
     assert torch.isfinite(banned.grad).all()
+
+
+def test_entropy_from_logprobs_is_the_plain_formula_and_zero_for_banned_tokens():
+    """On finite log-probs exactly ``-(exp(logp) * logp).sum(-1)`` (bit for bit); a -inf
+    log-prob adds 0, where the plain formula gives 0 * -inf = NaN."""
+    logp = torch.log_softmax(torch.randn(2, 3, 9), dim=-1)
+    assert torch.equal(entropy_from_logprobs(logp), -(logp.exp() * logp).sum(-1))
+    banned = torch.log_softmax(t([[0.5, -math.inf, 0.5], [2.0, 1.0, 0.0]]), dim=-1)
+    assert torch.isnan(-(banned.exp() * banned).sum(-1)[0])
+    assert_close(
+        entropy_from_logprobs(banned),
+        entropy_from_logits(t([[0.5, -math.inf, 0.5], [2.0, 1.0, 0.0]])),
+    )
+    assert_close(entropy_from_logprobs(banned)[0], t(math.log(2)))
 
 
 def test_explained_variance_by_hand():

@@ -1,4 +1,4 @@
-"""Tests for the chunked LM head of grpo_lab.models.completion_forward and
+"""Tests for grpo_lab.models.chunked_head, the chunked LM head of completion_forward and
 shared_prompt_completion_forward: outputs and parameter gradients equal the model's own logits
 path (tiny random Qwen2 / Llama, tied and untied embeddings, the policy with value head, LoRA,
 gradient checkpointing), the path is really taken exactly above the threshold, a model whose
@@ -10,10 +10,10 @@ import torch
 from tiny_models import assert_same_outputs
 from transformers import AutoModelForCausalLM, Gemma2Config
 
-from grpo_lab import models
 from grpo_lab.models import (
     Critic,
     PolicyWithValueHead,
+    chunked_head,
     completion_forward,
     enable_gradient_checkpointing,
     shared_prompt_completion_forward,
@@ -218,7 +218,7 @@ def test_checking_call_under_autograd_has_the_same_gradients(kind, forward):
     recorder.clear()
     actual = gradients(model, lambda: run(forward, model, batch, SMALL), batch[3])
     assert recorder.model_logits[-1][1] == 1  # this was the checking call
-    assert models._HEAD_CHECKS[lm_of(model)] == {True: True}
+    assert chunked_head._HEAD_CHECKS[lm_of(model)] == {True: True}
     assert actual.keys() == expected.keys()
     for name, grad in expected.items():
         torch.testing.assert_close(actual[name], grad, msg=name)
@@ -233,7 +233,7 @@ def test_threshold(forward, kept):
     batch = make_batch()
     at_threshold = N * kept * VOCAB
     with torch.no_grad():
-        for limit in (at_threshold, None, models.MAX_LOGIT_ELEMENTS):
+        for limit in (at_threshold, None, chunked_head.MAX_LOGIT_ELEMENTS):
             recorder.clear()
             run(forward, lm, batch, limit)
             assert recorder.model_logits[-1] == (N, kept, VOCAB)
@@ -341,14 +341,14 @@ def test_softcapped_logits_are_refused_by_the_config_rule(forward):
             recorder.clear()
             assert_same_outputs(expected, run(forward, lm, batch, SMALL))
             assert recorder.head_inputs == model_path_head_inputs(forward)
-    assert lm not in models._HEAD_CHECKS
+    assert lm not in chunked_head._HEAD_CHECKS
 
 
 @pytest.mark.parametrize("forward", FORWARDS)
 def test_unlisted_logit_transform_fails_the_check(forward, monkeypatch):
     """With the config rule emptied the same soft-capped model reaches the numeric check,
     which fails (with a warning); that call and every later one use the model's own logits."""
-    monkeypatch.setattr(models, "LOGIT_TRANSFORM_FIELDS", ())
+    monkeypatch.setattr(chunked_head, "LOGIT_TRANSFORM_FIELDS", ())
     lm = tiny_gemma2(final_logit_softcapping=0.5)
     recorder = Recorder(lm)
     batch = make_batch()
@@ -359,7 +359,7 @@ def test_unlisted_logit_transform_fails_the_check(forward, monkeypatch):
         recorder.clear()
         assert_same_outputs(expected, run(forward, lm, batch, SMALL))
         assert recorder.head_inputs == model_path_head_inputs(forward)
-    assert models._HEAD_CHECKS[lm] == {False: False}
+    assert chunked_head._HEAD_CHECKS[lm] == {False: False}
 
 
 def test_check_passes_for_an_uncapped_gemma2():

@@ -1,6 +1,8 @@
 """Tests for grpo_lab.models: the shared completion forward against plain full-forward
 references, value alignment, gradient paths, critic independence, save/load, loaders, LoRA."""
 
+import math
+
 import pytest
 import tiny_models
 import torch
@@ -14,6 +16,7 @@ from transformers import (
 )
 
 from grpo_lab import models
+from grpo_lab.algos import entropy_from_logits
 from grpo_lab.models import (
     Critic,
     PolicyWithValueHead,
@@ -163,6 +166,23 @@ def test_token_logprobs_gradient_matches_plain_autograd(min_recompute_elements):
     torch.testing.assert_close(chunked_grad, logits.grad)
 
 
+@pytest.mark.parametrize("min_recompute_elements", [0, 2**20])  # checkpointed / kept chunks
+def test_token_logprobs_entropy_is_algos_entropy(min_recompute_elements):
+    """The forwards' entropy is algos.entropy_from_logits of the float32 logits / T, bit for bit;
+    a -inf logit (a banned token) adds 0 to it, and its gradient stays finite."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7).to(torch.bfloat16)
+    logits[0, 1, 3] = -math.inf
+    logits.requires_grad_()
+    targets = torch.randint(0, 3, (2, 5))
+    kwargs = dict(temperature=0.7, chunk_size=2, min_recompute_elements=min_recompute_elements)
+    _, entropy = token_logprobs(logits, targets, compute_entropy=True, **kwargs)
+    assert torch.equal(entropy, entropy_from_logits(logits.float() / 0.7))
+    assert torch.isfinite(entropy).all()
+    entropy.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+
+
 def test_bf16_logits_give_float32_logp():
     logits = torch.randn(2, 3, 7).to(torch.bfloat16)
     targets = torch.randint(0, 7, (2, 3))
@@ -209,6 +229,31 @@ def test_critic_values_aligned_and_no_logits():
     expected = torch.stack([critic.v_head(hidden[:, p - 1 + t]) for t in range(c)], dim=1)
     assert out.logp is None and out.entropy is None
     torch.testing.assert_close(real(out.values, mask), real(expected, mask))
+
+
+def test_critic_values_to_keep_defaults_to_logits_to_keep():
+    """A critic computes no logits: values_to_keep selects its value positions (int or index
+    tensor), and without it logits_to_keep does, as for the policy with value head."""
+    critic = Critic(tiny_lm(seed=3).model)
+    ids, mask = ragged_batch()
+    with torch.no_grad():
+        every = critic(input_ids=ids, attention_mask=mask).values  # [N, T]
+        by_logits = critic(input_ids=ids, attention_mask=mask, logits_to_keep=3)
+        by_values = critic(input_ids=ids, attention_mask=mask, values_to_keep=3)
+        index = torch.tensor([0, 2])
+        by_index = critic(
+            input_ids=ids, attention_mask=mask, logits_to_keep=1, values_to_keep=index
+        )
+    assert by_logits.logits is None and by_values.logits is None
+    assert torch.equal(by_values.values, by_logits.values)
+    torch.testing.assert_close(by_values.values, every[:, -3:])
+    torch.testing.assert_close(by_index.values, every[:, index])
+
+
+def test_one_model_name_resolver():
+    from grpo_lab import hub
+
+    assert models.resolve_model_path is hub.resolve_model_path
 
 
 def test_value_loss_trains_head_and_shared_trunk():
@@ -289,6 +334,17 @@ def test_critic_save_load_roundtrip(tmp_path):
         before = completion_forward(critic, ids, mask, 4).values
         after = completion_forward(loaded, ids, mask, 4).values
     torch.testing.assert_close(after, before)
+
+
+def test_unreadable_critic_folder_is_one_line_naming_its_key(tmp_path):
+    """The critic's trunk loads through the same loader as the policy, so an unreadable
+    folder is one ModelSourceError naming the config keys it can come from."""
+    from grpo_lab.errors import ModelSourceError
+
+    folder = save_tiny(tmp_path / "lm")
+    (tmp_path / "lm" / "config.json").write_text("{ not json")
+    with pytest.raises(ModelSourceError, match=r"cannot load .*\(ppo.critic_model or model"):
+        models.load_critic(folder)
 
 
 def test_head_is_fresh_when_checkpoint_has_none(tmp_path):
@@ -399,3 +455,18 @@ def test_float32_chunks_stay_under_the_element_budget(monkeypatch):
     assert calls == [(2, 2, 7), (2, 2, 7), (2, 1, 7)]
     torch.testing.assert_close(logp, whole)
     torch.testing.assert_close(entropy, whole_entropy)
+
+
+# Every name importable from grpo_lab.models when it was one file: the package keeps them all.
+PUBLIC_NAMES = """CompletionOutputs Critic DTYPES LOGIT_TRANSFORM_FIELDS MAX_LOGIT_ELEMENTS
+PolicyWithValueHead SHARED_PROMPT_ATTENTION VALUE_HEAD_FILE ValueHead ValueModelOutput apply_lora
+attention_implementation completion_forward enable_gradient_checkpointing load_causal_lm
+load_critic load_reference load_tokenizer position_ids_from_mask random_init_causal_lm
+resolve_dtype resolve_model_path shared_prompt_completion_forward token_logprobs""".split()
+
+
+def test_package_keeps_every_public_name():
+    assert sorted(models.__all__) == sorted(PUBLIC_NAMES)
+    assert all(
+        hasattr(models, name) for name in [*PUBLIC_NAMES, "_HEAD_CHECKS", "_is_non_reentrant"]
+    )

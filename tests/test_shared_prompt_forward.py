@@ -1,5 +1,5 @@
-"""Tests for grpo_lab.models.shared_prompt_completion_forward: outputs and gradients equal
-completion_forward's full forward over prompt + completion (tiny random Qwen2 and Llama, sdpa
+"""Tests for grpo_lab.models.shared_prompt: shared_prompt_completion_forward's outputs and
+gradients equal completion_forward's full forward over prompt + completion (tiny random Qwen2 and Llama, sdpa
 and eager), for a causal LM, the policy with value head, the critic, LoRA, and under gradient
 checkpointing; the prompt pass really runs once per distinct prompt; clear errors."""
 
@@ -11,12 +11,12 @@ import torch
 from tiny_models import assert_same_outputs
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from grpo_lab import models
 from grpo_lab.models import (
     Critic,
     PolicyWithValueHead,
     completion_forward,
     enable_gradient_checkpointing,
+    shared_prompt,
     shared_prompt_completion_forward,
 )
 
@@ -292,8 +292,8 @@ def test_bad_shapes_name_the_field(field, change):
 
 def test_non_reentrant_detection():
     checkpoint = torch.utils.checkpoint.checkpoint
-    assert models._is_non_reentrant(functools.partial(checkpoint, use_reentrant=False))
-    assert not models._is_non_reentrant(functools.partial(checkpoint, use_reentrant=True))
+    assert shared_prompt._is_non_reentrant(functools.partial(checkpoint, use_reentrant=False))
+    assert not shared_prompt._is_non_reentrant(functools.partial(checkpoint, use_reentrant=True))
     # torch's default for a missing use_reentrant is the reentrant variant.
-    assert not models._is_non_reentrant(functools.partial(checkpoint))
-    assert not models._is_non_reentrant(checkpoint)
+    assert not shared_prompt._is_non_reentrant(functools.partial(checkpoint))
+    assert not shared_prompt._is_non_reentrant(checkpoint)
