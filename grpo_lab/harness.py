@@ -28,6 +28,7 @@ Conventions:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import resource
@@ -39,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 GIB = float(2**30)
 
@@ -428,54 +431,63 @@ class MetricsWriter:
         self.close()
 
     @staticmethod
-    def read(path: str | os.PathLike, *, live: bool = False) -> list[dict[str, Any]]:
-        """All records of a metrics file; a malformed line raises ValueError naming file:line.
+    def read(path: str | os.PathLike) -> list[dict[str, Any]]:
+        """All records of a metrics file (or of ``samples.jsonl``, written the same way).
 
-        ``live=True`` reads a file a running job may be writing: a last line without its
-        newline is a record still being written and is left out.
+        One rule for bad lines: a last line that is not JSON is a record a killed (or still
+        running) writer left half-written, and is skipped; a bad line anywhere else raises
+        ValueError naming ``file:line``. Blank lines are ignored.
         """
-        file = _metrics_file(path)
-        records = []
-        with open(file, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if live and not line.endswith("\n"):
-                    break  # only the last line can lack its newline
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{file}:{lineno}: not a JSON record ({e})") from e
-        return records
+        return [record for _, record in _parse_records(_metrics_file(path))]
 
     @staticmethod
     def truncate_after(path: str | os.PathLike, step: int) -> int:
         """Drop records with ``step`` greater than ``step``; return how many were dropped.
 
         Used on resume so the file matches an uninterrupted run. Records without a ``"step"`` key
-        are kept. A missing file is left missing. NOTE: a run killed mid-write can leave a torn
-        last line; it is dropped here (only the last line; a bad line elsewhere still raises).
-        The file is rewritten atomically.
+        are kept. A missing file is left missing. Bad lines follow :meth:`read`'s rule: a torn
+        last line is dropped (and counted), a bad line elsewhere raises. The file is rewritten
+        atomically.
         """
         file = _metrics_file(path)
         if not file.exists():
             return 0
-        lines = file.read_text(encoding="utf-8").splitlines()
-        kept, dropped = [], 0
-        for lineno, line in enumerate(lines, start=1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                if lineno == len(lines):
-                    dropped += 1
-                    continue
-                raise ValueError(f"{file}:{lineno}: not a JSON record ({e})") from e
-            if record.get("step") is not None and record["step"] > step:
-                dropped += 1
-            else:
-                kept.append(line + "\n")
+        records = _parse_records(file)
+        kept = [
+            line + "\n"
+            for line, record in records
+            if record.get("step") is None or record["step"] <= step
+        ]
+        lines = sum(1 for line in file.read_text(encoding="utf-8").splitlines() if line.strip())
         tmp = file.with_name(file.name + ".tmp")
         tmp.write_text("".join(kept), encoding="utf-8")
         os.replace(tmp, file)
-        return dropped
+        return lines - len(kept)
+
+
+def _parse_records(file: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) for every JSON line of ``file``, by :meth:`MetricsWriter.read`'s rule."""
+    lines = file.read_text(encoding="utf-8").splitlines()
+    last = max((i for i, line in enumerate(lines, start=1) if line.strip()), default=0)
+    out = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if lineno == last:
+                logger.warning(
+                    "%s:%d: incomplete last line (a record being written, or cut off by a kill), skipped",
+                    file,
+                    lineno,
+                )
+                break
+            raise ValueError(f"{file}:{lineno}: not a JSON record ({e})") from e
+        if not isinstance(record, dict):
+            raise ValueError(f"{file}:{lineno}: not a JSON object")
+        out.append((line, record))
+    return out
 
 
 # Keys shown by format_step_line, in order: (label, record key, format).

@@ -106,10 +106,10 @@ def load_run(path: str | Path) -> Run:
     rows, updated = [], None
     try:
         if metrics.is_file():
-            rows = MetricsWriter.read(metrics, live=True)
+            rows = MetricsWriter.read(metrics)
             updated = max(0.0, time.time() - metrics.stat().st_mtime)
         samples_file = path / SAMPLES_FILE
-        samples = MetricsWriter.read(samples_file, live=True) if samples_file.is_file() else []
+        samples = MetricsWriter.read(samples_file) if samples_file.is_file() else []
     except ValueError as e:
         raise RunFolderError(str(e)) from None
     last = max((r["step"] for r in samples), default=None)
