@@ -435,10 +435,10 @@ class MetricsWriter:
         """All records of a metrics file (or of ``samples.jsonl``, written the same way).
 
         One rule for bad lines: a last line that is not JSON is a record a killed (or still
-        running) writer left half-written, and is skipped; a bad line anywhere else raises
-        ValueError naming ``file:line``. Blank lines are ignored.
+        running) writer left half-written, and is skipped with a warning; a bad line anywhere
+        else raises ValueError naming ``file:line``. Blank lines are ignored.
         """
-        return [record for _, record in _parse_records(_metrics_file(path))]
+        return [record for _, record in _parse_records(_metrics_file(path))[0]]
 
     @staticmethod
     def truncate_after(path: str | os.PathLike, step: int) -> int:
@@ -452,21 +452,17 @@ class MetricsWriter:
         file = _metrics_file(path)
         if not file.exists():
             return 0
-        records = _parse_records(file)
-        kept = [
-            line + "\n"
-            for line, record in records
-            if record.get("step") is None or record["step"] <= step
-        ]
-        lines = sum(1 for line in file.read_text(encoding="utf-8").splitlines() if line.strip())
+        records, torn = _parse_records(file)
+        kept = [line for line, r in records if r.get("step") is None or r["step"] <= step]
         tmp = file.with_name(file.name + ".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(tmp, file)
-        return lines - len(kept)
+        return len(records) - len(kept) + torn
 
 
-def _parse_records(file: Path) -> list[tuple[str, dict[str, Any]]]:
-    """(line, record) for every JSON line of ``file``, by :meth:`MetricsWriter.read`'s rule."""
+def _parse_records(file: Path) -> tuple[list[tuple[str, dict[str, Any]]], int]:
+    """((line, record) for every record of ``file``, 1 if a torn last line was skipped else 0),
+    by :meth:`MetricsWriter.read`'s rule."""
     lines = file.read_text(encoding="utf-8").splitlines()
     last = max((i for i, line in enumerate(lines, start=1) if line.strip()), default=0)
     out = []
@@ -478,16 +474,14 @@ def _parse_records(file: Path) -> list[tuple[str, dict[str, Any]]]:
         except json.JSONDecodeError as e:
             if lineno == last:
                 logger.warning(
-                    "%s:%d: incomplete last line (a record being written, or cut off by a kill), skipped",
-                    file,
-                    lineno,
+                    "%s:%d: incomplete last line (a killed writer?), skipped", file, lineno
                 )
-                break
+                return out, 1
             raise ValueError(f"{file}:{lineno}: not a JSON record ({e})") from e
         if not isinstance(record, dict):
             raise ValueError(f"{file}:{lineno}: not a JSON object")
         out.append((line, record))
-    return out
+    return out, 0
 
 
 # Keys shown by format_step_line, in order: (label, record key, format).
