@@ -6,7 +6,7 @@ on `make_arith(split="train")`, and cached on disk. The model name `TINY_MODEL_N
 loads with `AutoTokenizer` / `AutoModelForCausalLM.from_pretrained`.
 
 The supervised pass is deliberately short: RL should start from a model that solves some but far
-from all held-out problems (10-50 % greedy exact match), so reward has room to move.
+from all held-out problems (10-50 % greedy accuracy), so reward has room to move.
 
 Sequence format: `question + answer + <eos>`, e.g. "12+34=46<eos>"; the loss covers the answer
 characters and the eos only. The tokenizer pads on the left (for batched generation) with a
