@@ -492,6 +492,14 @@ _CONSOLE_FIELDS = (
 )
 
 
+def format_duration(seconds: float) -> str:
+    """``seconds`` rounded to whole seconds as ``1h02m03s``, ``2m03s`` or ``3s``."""
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
 def format_step_line(record: dict[str, Any]) -> str:
     """One short console line: step, reward, accuracy, KL, step time, then every ``loss/*``.
 

@@ -13,6 +13,7 @@ from grpo_lab.harness import (
     MetricsWriter,
     device_peak_flops,
     footprint_metrics,
+    format_duration,
     format_step_line,
     model_footprint,
     peak_rss_gib,
@@ -353,6 +354,16 @@ def test_metrics_writer_disabled_and_accelerator(tmp_path):
             writer.write({"step": 4, "loss/value": 0.5, "bad": math.nan, "name": "ppo"})
     assert with_trackers.calls == [({"loss/value": 0.5, "name": "ppo"}, 4)]
     assert without.calls == []
+
+
+def test_format_duration():
+    assert [format_duration(s) for s in (0, 3.4, 59.6, 123, 3723)] == [
+        "0s",
+        "3s",
+        "1m00s",
+        "2m03s",
+        "1h02m03s",
+    ]
 
 
 def test_format_step_line():
