@@ -23,8 +23,7 @@ from pathlib import Path
 import torch
 
 from grpo_lab.config import load_config
-from grpo_lab.data import load_problems
-from grpo_lab.evaluation import evaluate
+from grpo_lab.evaluation import eval_plan, evaluate
 from grpo_lab.models import load_causal_lm, load_tokenizer
 from grpo_lab.objectives import LABELS, OBJECTIVES, objective, recipe_for
 
@@ -40,17 +39,18 @@ def recipes_dir() -> Path:
     return here if here.is_dir() else Path("recipes")
 
 
-def _accuracy(model_path: str, cfg, problems) -> dict[str, float]:
-    tokenizer = load_tokenizer(model_path)
-    model = load_causal_lm(model_path)
+def _accuracy(model_path: str, cfg) -> dict[str, float]:
+    """Held-out accuracy of the model at ``model_path`` on the run's evaluation (its
+    :func:`~grpo_lab.evaluation.eval_plan`), greedy and over 8 samples at the run's temperature."""
+    plan = eval_plan(cfg)
     return evaluate(
-        model,
-        tokenizer,
-        problems,
-        max_new_tokens=cfg.rollout.max_new_tokens,
+        load_causal_lm(model_path),
+        load_tokenizer(model_path),
+        plan.problems(),
         k=8,
         temperature=cfg.rollout.temperature,
-        template=cfg.data.template,
+        backend=plan.engine(),
+        **plan.settings(),
     )
 
 
@@ -84,25 +84,15 @@ def run_demo(
         cfg = load_config(recipe_for(name, recipes_dir() / BASE_RECIPE), overrides)
         if cfg.trainer.cpu_threads is not None:
             torch.set_num_threads(cfg.trainer.cpu_threads)
-        d = cfg.data
-        problems = load_problems(
-            d.name,
-            split="test",
-            limit=d.num_eval,
-            seed=seed,
-            max_value=d.max_value,
-            num_operands=d.num_operands,
-            ops=tuple(d.ops),
-        )
         if cfg.model.name_or_path not in start_cache:
             start_cache[cfg.model.name_or_path] = _accuracy(
-                resolve_model_path(cfg.model.name_or_path), cfg, problems
+                resolve_model_path(cfg.model.name_or_path), cfg
             )
         before = start_cache[cfg.model.name_or_path]
         t0 = time.perf_counter()
         history = train(cfg)
         wall = time.perf_counter() - t0
-        after = _accuracy(str(Path(cfg.output_dir) / "final"), cfg, problems)
+        after = _accuracy(str(Path(cfg.output_dir) / "final"), cfg)
         rows.append(
             {
                 "objective": name,

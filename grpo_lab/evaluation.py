@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from grpo_lab.config import Config
+from grpo_lab.config import Config, RolloutConfig
 from grpo_lab.data import Problem, load_problems, render_prompt
 from grpo_lab.rewards import score_batch
-from grpo_lab.rollout import RolloutBackend, decode_completions, generate
+from grpo_lab.rollout import RolloutBackend, build_backend, decode_completions, generate
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class EvalPlan:
     max_new_tokens: int = 6
     timeout_s: float = 2.0
     batch_size: int = 256
-    backend: str = "shared_prefix"  # a name in grpo_lab.rollout.ROLLOUT_BACKENDS
+    backend: str = field(default_factory=lambda: RolloutConfig().backend)  # the config's engine
     sampler: str = "multinomial"
 
     def problems(self) -> list[Problem]:
@@ -57,6 +57,10 @@ class EvalPlan:
             seed=self.seed,
             **self.arith,
         )
+
+    def engine(self) -> RolloutBackend:
+        """The rollout engine to pass to :func:`evaluate` (``rollout.backend`` and ``sampler``)."""
+        return build_backend(self.backend, sampler=self.sampler)
 
     def settings(self) -> dict[str, Any]:
         """Keyword arguments of :func:`evaluate` (all but the rollout engine)."""
@@ -159,11 +163,13 @@ def evaluate(
     system_prompt: str | None = None,
     batch_size: int = 256,
     timeout_s: float = 2.0,
-    backend: str | RolloutBackend = "hf",
+    backend: str | RolloutBackend | None = None,
 ) -> dict[str, float]:
     """Accuracy of `model` on `problems`.
 
-    `backend` is a rollout engine or its name in :data:`grpo_lab.rollout.ROLLOUT_BACKENDS`.
+    `backend` is a rollout engine or its name in :data:`grpo_lab.rollout.ROLLOUT_BACKENDS`; None
+    is the config's default engine (``rollout.backend``). Settings for a run come from
+    :func:`eval_plan`: ``evaluate(..., backend=plan.engine(), **plan.settings())``.
     Returns ``eval/greedy_acc`` always, and with ``k > 1`` also ``eval/pass@1`` (mean accuracy of
     k samples at `temperature`), ``eval/maj@k`` and ``eval/pass@k``.
     """
@@ -178,6 +184,8 @@ def evaluate(
         for p in problems
     ]
     golds = [p.answer for p in problems]
+    if backend is None:
+        backend = RolloutConfig().backend
 
     def run(group_size: int, temp: float):
         batch = generate(

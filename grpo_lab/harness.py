@@ -28,6 +28,7 @@ Conventions:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import resource
@@ -39,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 GIB = float(2**30)
 
@@ -428,54 +431,57 @@ class MetricsWriter:
         self.close()
 
     @staticmethod
-    def read(path: str | os.PathLike, *, live: bool = False) -> list[dict[str, Any]]:
-        """All records of a metrics file; a malformed line raises ValueError naming file:line.
+    def read(path: str | os.PathLike) -> list[dict[str, Any]]:
+        """All records of a metrics file (or of ``samples.jsonl``, written the same way).
 
-        ``live=True`` reads a file a running job may be writing: a last line without its
-        newline is a record still being written and is left out.
+        One rule for bad lines: a last line that is not JSON is a record a killed (or still
+        running) writer left half-written, and is skipped with a warning; a bad line anywhere
+        else raises ValueError naming ``file:line``. Blank lines are ignored.
         """
-        file = _metrics_file(path)
-        records = []
-        with open(file, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if live and not line.endswith("\n"):
-                    break  # only the last line can lack its newline
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{file}:{lineno}: not a JSON record ({e})") from e
-        return records
+        return [record for _, record in _parse_records(_metrics_file(path))[0]]
 
     @staticmethod
     def truncate_after(path: str | os.PathLike, step: int) -> int:
         """Drop records with ``step`` greater than ``step``; return how many were dropped.
 
         Used on resume so the file matches an uninterrupted run. Records without a ``"step"`` key
-        are kept. A missing file is left missing. NOTE: a run killed mid-write can leave a torn
-        last line; it is dropped here (only the last line; a bad line elsewhere still raises).
-        The file is rewritten atomically.
+        are kept. A missing file is left missing. Bad lines follow :meth:`read`'s rule: a torn
+        last line is dropped (and counted), a bad line elsewhere raises. The file is rewritten
+        atomically.
         """
         file = _metrics_file(path)
         if not file.exists():
             return 0
-        lines = file.read_text(encoding="utf-8").splitlines()
-        kept, dropped = [], 0
-        for lineno, line in enumerate(lines, start=1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                if lineno == len(lines):
-                    dropped += 1
-                    continue
-                raise ValueError(f"{file}:{lineno}: not a JSON record ({e})") from e
-            if record.get("step") is not None and record["step"] > step:
-                dropped += 1
-            else:
-                kept.append(line + "\n")
+        records, torn = _parse_records(file)
+        kept = [line for line, r in records if r.get("step") is None or r["step"] <= step]
         tmp = file.with_name(file.name + ".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(tmp, file)
-        return dropped
+        return len(records) - len(kept) + torn
+
+
+def _parse_records(file: Path) -> tuple[list[tuple[str, dict[str, Any]]], int]:
+    """((line, record) for every record of ``file``, 1 if a torn last line was skipped else 0),
+    by :meth:`MetricsWriter.read`'s rule."""
+    lines = file.read_text(encoding="utf-8").splitlines()
+    last = max((i for i, line in enumerate(lines, start=1) if line.strip()), default=0)
+    out = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if lineno == last:
+                logger.warning(
+                    "%s:%d: incomplete last line (a killed writer?), skipped", file, lineno
+                )
+                return out, 1
+            raise ValueError(f"{file}:{lineno}: not a JSON record ({e})") from e
+        if not isinstance(record, dict):
+            raise ValueError(f"{file}:{lineno}: not a JSON object")
+        out.append((line, record))
+    return out, 0
 
 
 # Keys shown by format_step_line, in order: (label, record key, format).
@@ -484,6 +490,14 @@ _CONSOLE_FIELDS = (
     ("acc", "reward/accuracy", "{:.3f}"),
     ("kl", "policy/kl_ref", "{:.4f}"),
 )
+
+
+def format_duration(seconds: float) -> str:
+    """``seconds`` rounded to whole seconds as ``1h02m03s``, ``2m03s`` or ``3s``."""
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def format_step_line(record: dict[str, Any]) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from grpo_lab.config import Config, load_config
-from grpo_lab.harness import MetricsWriter
+from grpo_lab.harness import MetricsWriter, format_duration
 from grpo_lab.plots import MISSING, Line, Panel, figure_class, line_plot
 from grpo_lab.samples import SAMPLES_FILE
 from grpo_lab.sweep import moving_average
@@ -106,10 +106,10 @@ def load_run(path: str | Path) -> Run:
     rows, updated = [], None
     try:
         if metrics.is_file():
-            rows = MetricsWriter.read(metrics, live=True)
+            rows = MetricsWriter.read(metrics)
             updated = max(0.0, time.time() - metrics.stat().st_mtime)
         samples_file = path / SAMPLES_FILE
-        samples = MetricsWriter.read(samples_file, live=True) if samples_file.is_file() else []
+        samples = MetricsWriter.read(samples_file) if samples_file.is_file() else []
     except ValueError as e:
         raise RunFolderError(str(e)) from None
     last = max((r["step"] for r in samples), default=None)
@@ -143,13 +143,6 @@ def sparkline(values: Sequence[float], width: int = 24) -> str:
     return "".join(SPARK[round((m - lo) / (hi - lo) * (len(SPARK) - 1))] for m in means)
 
 
-def _hms(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
-
-
 def status_renderables(run: Run) -> list[Any]:
     """The run's status: a header line and a table of metrics at the start and now."""
     from rich.table import Table
@@ -161,7 +154,7 @@ def status_renderables(run: Run) -> list[Any]:
         if run.finished
         else "no metrics yet"
         if run.updated_s_ago is None
-        else f"in progress or stopped: last step written {_hms(run.updated_s_ago)} ago"
+        else f"in progress or stopped: last step written {format_duration(run.updated_s_ago)} ago"
     )
     head = Text.assemble(
         (f"{run.path}", "bold"),
@@ -179,10 +172,12 @@ def status_renderables(run: Run) -> list[Any]:
     last = run.train[-1]
     line = []
     if isinstance(last.get("time/total_s"), int | float):
-        line.append(f"elapsed {_hms(last['time/total_s'])} of step time")
+        line.append(f"elapsed {format_duration(last['time/total_s'])} of step time")
     if step_s and run.step < total:
         recent = sorted(step_s[-10:])[len(step_s[-10:]) // 2]
-        line.append(f"about {_hms(recent * (total - run.step))} left at {recent:.2f} s/step")
+        line.append(
+            f"about {format_duration(recent * (total - run.step))} left at {recent:.2f} s/step"
+        )
     if line:
         out.append(Text("  ·  ".join(line)))
 

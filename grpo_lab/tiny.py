@@ -2,11 +2,12 @@
 
 It needs no hub access: the tokenizer and model are built here, trained by a short supervised pass
 on `make_arith(split="train")`, and cached on disk. The model name `TINY_MODEL_NAME`
-("builtin:tiny-arith") resolves to the cached folder through `resolve_model_path`, and that folder
+("builtin:tiny-arith") resolves to the cached folder through `grpo_lab.hub.resolve_model_path`,
+and that folder
 loads with `AutoTokenizer` / `AutoModelForCausalLM.from_pretrained`.
 
 The supervised pass is deliberately short: RL should start from a model that solves some but far
-from all held-out problems (10-50 % greedy exact match), so reward has room to move.
+from all held-out problems (10-50 % greedy accuracy), so reward has room to move.
 
 Sequence format: `question + answer + <eos>`, e.g. "12+34=46<eos>"; the loss covers the answer
 characters and the eos only. The tokenizer pads on the left (for batched generation) with a
@@ -46,9 +47,6 @@ __all__ = [
     "TINY_MODEL_NAME",
     "build_tokenizer",
     "ensure_tiny_model",
-    "greedy_accuracy",
-    "resolve_model_path",
-    "sampled_accuracy",
 ]
 
 logger = logging.getLogger(__name__)
@@ -69,6 +67,7 @@ SFT_BATCH_SIZE = 128
 SFT_LR = 1e-3
 SFT_TRAIN_PROBLEMS = 20_000
 EVAL_PROBLEMS = 512
+SAMPLED_K = 4  # samples per problem for the sampled accuracy in build_info.json
 MAX_NEW_TOKENS = 6  # the longest answer, "198", plus eos, with room to spare
 
 
@@ -176,87 +175,33 @@ def train_sft(
     return float(torch.stack(losses[-log_every:]).mean()) if losses else float("nan")
 
 
-def _completions(
-    model, tokenizer, problems: Sequence[Problem], *, max_new_tokens: int, batch_size: int, **gen
-) -> list[str]:
-    """Decoded completions of `problem.question` prompts, cut at the first eos."""
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(problems), batch_size):
-            chunk = [p.question for p in problems[start : start + batch_size]]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True)
-            enc = {k: v.to(model.device) for k, v in enc.items()}
-            generated = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-                **gen,
-            )  # [n, T_prompt + T_new]
-            for row in generated[:, enc["input_ids"].shape[1] :].tolist():
-                if tokenizer.eos_token_id in row:
-                    row = row[: row.index(tokenizer.eos_token_id)]
-                out.append(tokenizer.decode(row, skip_special_tokens=True))
-    return out
+def heldout_accuracy(model, tokenizer, *, seed: int = 0) -> dict[str, float]:
+    """Greedy and sampled (temperature 1, mean of `SAMPLED_K` samples) accuracy on the first
+    `EVAL_PROBLEMS` arithmetic test problems, scored by :func:`grpo_lab.evaluation.evaluate`.
 
-
-def greedy_accuracy(
-    model,
-    tokenizer,
-    problems: Sequence[Problem],
-    *,
-    max_new_tokens: int = MAX_NEW_TOKENS,
-    batch_size: int = 256,
-) -> float:
-    """Fraction of problems whose greedy completion, up to eos and stripped, equals the gold.
-
-    Prompts are the bare questions (the "plain" template), left-padded in batches.
+    The problems are the same for every model seed, so builds are comparable. Sampling draws from
+    the global torch generator, seeded with `seed` inside a fork of its state, so the caller's
+    random stream is left as it was.
     """
-    if not problems:
-        raise ValueError("greedy_accuracy: no problems")
-    texts = _completions(
-        model,
-        tokenizer,
-        problems,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        do_sample=False,
-    )
-    return sum(t.strip() == p.answer for t, p in zip(texts, problems)) / len(problems)
+    from grpo_lab.evaluation import eval_plan, evaluate
 
-
-def sampled_accuracy(
-    model,
-    tokenizer,
-    problems: Sequence[Problem],
-    *,
-    temperature: float = 1.0,
-    seed: int = 0,
-    max_new_tokens: int = MAX_NEW_TOKENS,
-    batch_size: int = 256,
-) -> float:
-    """Like `greedy_accuracy` with one sample per problem at `temperature` (no top-k/top-p).
-
-    `generate` samples from the global torch generator; it is seeded with `seed` inside a fork of
-    the RNG state, so the caller's random stream is left as it was.
-    """
-    if not problems:
-        raise ValueError("sampled_accuracy: no problems")
+    plan = eval_plan(None, dataset="arith", limit=EVAL_PROBLEMS, max_new_tokens=MAX_NEW_TOKENS)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        # NOTE: top_k=None would fall back to transformers' default of 50; 0 switches it off.
-        texts = _completions(
+        res = evaluate(
             model,
             tokenizer,
-            problems,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            do_sample=True,
-            temperature=temperature,
-            top_k=0,
-            top_p=1.0,
+            plan.problems(),
+            k=SAMPLED_K,
+            temperature=1.0,
+            backend=plan.engine(),
+            **plan.settings(),
         )
-    return sum(t.strip() == p.answer for t, p in zip(texts, problems)) / len(problems)
+    return {
+        "eval_problems": int(res["eval/n"]),
+        "test_greedy_accuracy": res["eval/greedy_acc"],
+        "test_sampled_accuracy_t1": res["eval/pass@1"],
+    }
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -292,14 +237,7 @@ def _train_and_evaluate(seed: int, sft_steps: int):
         sft_steps,
     )
     final_loss = train_sft(model, tokenizer, train, steps=sft_steps, seed=seed)
-    # The evaluation set is the same for every model seed, so builds are comparable.
-    test = make_arith(EVAL_PROBLEMS, seed=0, split="test")
-    metrics = {
-        "final_sft_loss": final_loss,
-        "eval_problems": len(test),
-        "test_greedy_accuracy": greedy_accuracy(model, tokenizer, test),
-        "test_sampled_accuracy_t1": sampled_accuracy(model, tokenizer, test, seed=seed),
-    }
+    metrics = {"final_sft_loss": final_loss, **heldout_accuracy(model, tokenizer, seed=seed)}
     return tokenizer, model, metrics
 
 
@@ -381,10 +319,3 @@ def ensure_tiny_model(
             if staging.exists():
                 shutil.rmtree(staging)
     return final
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """The ensured tiny-model folder for `TINY_MODEL_NAME`, anything else unchanged."""
-    if name_or_path == TINY_MODEL_NAME:
-        return str(ensure_tiny_model())
-    return name_or_path

@@ -107,3 +107,59 @@ def test_eval_plan_follows_the_run_and_flags_override():
         6,
     )
     assert eval_plan(None, dataset="gsm8k").template == "gsm8k"
+
+
+def test_cli_eval_and_the_trainer_score_the_same_prompts_with_a_system_prompt(
+    tmp_path, monkeypatch, capsys
+):
+    """A run with a chat template and a system prompt: `grpo-lab eval RUN` generates from exactly
+    the prompts the trainer's own held-out evaluation generated from, system message included."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from grpo_lab import evaluation
+    from grpo_lab.cli import main
+    from grpo_lab.config import load_config
+    from grpo_lab.tiny import ensure_tiny_model
+    from grpo_lab.trainer import train
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(ensure_tiny_model(), model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    # The system message and the question, each in brackets (characters the tiny vocabulary has).
+    tok.chat_template = "{% for m in messages %}({{ m['content'] }}){% endfor %}"
+    tok.save_pretrained(model_dir)
+
+    seen: list[list[str]] = []
+    real_generate = evaluation.generate
+
+    def recording_generate(model, tokenizer, prompts, **kwargs):
+        seen.append(list(prompts))
+        return real_generate(model, tokenizer, prompts, **kwargs)
+
+    monkeypatch.setattr(evaluation, "generate", recording_generate)
+    run = tmp_path / "run"
+    cfg = load_config(
+        None,
+        [
+            f"model.name_or_path={model_dir}",
+            f"output_dir={run}",
+            "data.use_chat_template=true",
+            "data.system_prompt=1+1",
+            "data.num_eval=6",
+            "rollout.prompts_per_step=2",
+            "rollout.group_size=2",
+            "trainer.max_steps=1",
+            "trainer.progress_bar=false",
+        ],
+    )
+    train(cfg)
+    assert seen, "the trainer's evaluation did not go through grpo_lab.evaluation"
+    trainer_prompts = seen[-1]
+    seen.clear()
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0
+    (cli_prompts,) = seen
+    assert cli_prompts == trainer_prompts
+    assert len(cli_prompts) == 6 and all(p.startswith("(1+1)(") for p in cli_prompts)

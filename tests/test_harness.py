@@ -13,6 +13,7 @@ from grpo_lab.harness import (
     MetricsWriter,
     device_peak_flops,
     footprint_metrics,
+    format_duration,
     format_step_line,
     model_footprint,
     peak_rss_gib,
@@ -355,6 +356,16 @@ def test_metrics_writer_disabled_and_accelerator(tmp_path):
     assert without.calls == []
 
 
+def test_format_duration():
+    assert [format_duration(s) for s in (0, 3.4, 59.6, 123, 3723)] == [
+        "0s",
+        "3s",
+        "1m00s",
+        "2m03s",
+        "1h02m03s",
+    ]
+
+
 def test_format_step_line():
     record = {
         "step": 7,
@@ -396,13 +407,27 @@ def test_cuda_phase_peaks():
         assert "perf/mfu" in out
 
 
-def test_metrics_read_live_leaves_out_a_record_being_written(tmp_path):
+def test_metrics_read_skips_a_torn_last_line(tmp_path, caplog):
+    # A killed (or still running) writer leaves its last record half-written: skipped, with a
+    # warning naming the file and line.
     file = tmp_path / "metrics.jsonl"
     file.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
-    assert MetricsWriter.read(file, live=True) == [{"step": 1}, {"step": 2}]
-    with pytest.raises(ValueError, match="metrics.jsonl:3"):
-        MetricsWriter.read(file)
-    # A bad line that has its newline was written whole: still an error.
+    with caplog.at_level("WARNING", logger="grpo_lab"):
+        assert MetricsWriter.read(file) == [{"step": 1}, {"step": 2}]
+    assert "metrics.jsonl:3" in caplog.text
+    # Also when the torn record did get its newline, and with blank lines after it.
+    file.write_text('{"step": 1}\n{"step": 2, "lo\n\n')
+    assert MetricsWriter.read(file) == [{"step": 1}]
+    # A whole last line without its newline is a record.
+    file.write_text('{"step": 1}\n{"step": 2}')
+    assert MetricsWriter.read(file) == [{"step": 1}, {"step": 2}]
+
+
+def test_metrics_read_bad_line_in_the_middle_names_file_and_line(tmp_path):
+    file = tmp_path / "metrics.jsonl"
     file.write_text('{"step": 1}\n{"ste\n{"step": 2}\n')
-    with pytest.raises(ValueError, match="metrics.jsonl:2"):
-        MetricsWriter.read(file, live=True)
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not a JSON record"):
+        MetricsWriter.read(file)
+    file.write_text('{"step": 1}\n[1, 2]\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not a JSON object"):
+        MetricsWriter.read(file)

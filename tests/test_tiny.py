@@ -1,4 +1,4 @@
-"""Tests for grpo_lab.tiny: tokenizer, cached deterministic build, greedy accuracy."""
+"""Tests for grpo_lab.tiny: tokenizer, cached deterministic build, held-out accuracy."""
 
 import json
 import pathlib
@@ -12,6 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo_lab import tiny
 from grpo_lab.data import Problem, make_arith
+from grpo_lab.evaluation import evaluate
+from grpo_lab.rewards.normalize import parse_number
 
 # Enough supervised steps that greedy completions mostly end with eos, so the decoding
 # comparison below exercises eos handling; one build shared by the tests that only read it.
@@ -140,12 +142,6 @@ def test_default_cache_dir_from_env(tmp_path, monkeypatch):
     assert tiny.default_cache_dir() == pathlib.Path.home() / ".cache" / "grpo_lab"
 
 
-def test_resolve_model_path(monkeypatch):
-    monkeypatch.setattr(tiny, "ensure_tiny_model", lambda: pathlib.Path("/cache/tiny"))
-    assert tiny.resolve_model_path(tiny.TINY_MODEL_NAME) == "/cache/tiny"
-    assert tiny.resolve_model_path("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
-
-
 def _greedy_one_by_one(model, tok, question: str, max_new_tokens: int) -> str:
     """Plain greedy decoding of one unpadded prompt: argmax of the full forward pass each step."""
     ids = tok(question, return_tensors="pt")["input_ids"]  # [1, T]
@@ -160,7 +156,9 @@ def _greedy_one_by_one(model, tok, question: str, max_new_tokens: int) -> str:
     return tok.decode(new, skip_special_tokens=True)
 
 
-def test_greedy_accuracy_matches_unbatched_decoding(shared_build):
+def test_evaluation_scores_left_padded_batches_like_unbatched_decoding(shared_build):
+    """The build's held-out accuracy goes through grpo_lab.evaluation: its greedy completions in
+    left-padded batches are those of plain one-prompt decoding."""
     _, path = shared_build
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)
@@ -168,13 +166,38 @@ def test_greedy_accuracy_matches_unbatched_decoding(shared_build):
     questions = [p.question for p in make_arith(24, seed=0, split="test", max_value=120)]
     assert len({len(q) for q in questions}) > 1
     golds = [_greedy_one_by_one(model, tok, q, tiny.MAX_NEW_TOKENS) for q in questions]
-    right = [Problem(q, g, str(i)) for i, (q, g) in enumerate(zip(questions, golds))]
-    assert tiny.greedy_accuracy(model, tok, right, batch_size=8) == 1.0
+    # The reward scores answers that read as numbers; keep the problems whose decoding does.
+    right = [
+        Problem(q, g, str(i))
+        for i, (q, g) in enumerate(zip(questions, golds))
+        if parse_number(g, allow_units=False) is not None
+    ]
+    assert len(right) >= 12 and len({len(p.question) for p in right}) > 1
+
+    def greedy(problems):
+        return evaluate(model, tok, problems, max_new_tokens=tiny.MAX_NEW_TOKENS, batch_size=8)[
+            "eval/greedy_acc"
+        ]
+
+    assert greedy(right) == 1.0
     # Corrupt the gold of a quarter of the problems: exactly those count as wrong.
     mixed = [
         Problem(p.question, p.answer + "0", p.id) if i % 4 == 0 else p for i, p in enumerate(right)
     ]
-    assert tiny.greedy_accuracy(model, tok, mixed, batch_size=8) == 0.75
+    assert greedy(mixed) == 1 - len(right[::4]) / len(right)
+
+
+def test_heldout_accuracy_is_the_evaluation_of_the_first_test_problems(shared_build):
+    _, path = shared_build
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    got = tiny.heldout_accuracy(model, tok, seed=0)
+    assert got["eval_problems"] == tiny.EVAL_PROBLEMS
+    test = make_arith(tiny.EVAL_PROBLEMS, seed=0, split="test")
+    greedy = evaluate(model, tok, test, max_new_tokens=tiny.MAX_NEW_TOKENS)
+    assert got["test_greedy_accuracy"] == greedy["eval/greedy_acc"]
+    assert 0.0 <= got["test_sampled_accuracy_t1"] <= 1.0
+    assert tiny.heldout_accuracy(model, tok, seed=0) == got  # seeded sampling
 
 
 @pytest.mark.slow
@@ -185,12 +208,13 @@ def test_default_build_lands_in_the_rl_band(tmp_path):
     assert 0.10 <= info["test_greedy_accuracy"] <= 0.50
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)
-    test = make_arith(tiny.EVAL_PROBLEMS, seed=0, split="test")
     # The saved model reproduces the recorded accuracy; one thread as in the build, so no argmax
     # can flip on a different float reduction order.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert tiny.greedy_accuracy(model, tok, test) == info["test_greedy_accuracy"]
+        got = tiny.heldout_accuracy(model, tok, seed=info["seed"])
+        assert got["test_greedy_accuracy"] == info["test_greedy_accuracy"]
+        assert got["test_sampled_accuracy_t1"] == info["test_sampled_accuracy_t1"]
     finally:
         torch.set_num_threads(threads)

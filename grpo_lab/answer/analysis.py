@@ -16,6 +16,7 @@ from typing import Any
 
 from grpo_lab.sweep import Estimate, SweepSummary, estimate, paired_ratio, read_metrics
 from grpo_lab.sweep.stats import moving_average
+from grpo_lab.sweep.summary import _num
 
 EV_KEY = "value/explained_variance"
 EDGE_FRACTION = 0.1  # "early" and "late" explained variance: the first / last 10 % of steps
@@ -54,13 +55,6 @@ PER_STEP_KEYS = (
 )
 
 
-def _number(row: dict, key: str) -> float | None:
-    v = row.get(key)
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-        return None
-    return float(v)
-
-
 def run_facts(summary: SweepSummary) -> list[RunFacts]:
     """:class:`RunFacts` of every finished run of a sweep, from its metrics.jsonl."""
     facts = []
@@ -68,10 +62,8 @@ def run_facts(summary: SweepSummary) -> list[RunFacts]:
         if r.status != "finished":
             continue
         train, evals = read_metrics(Path(r.dir) / "metrics.jsonl")
-        held = [
-            (int(e["step"]), v) for e in evals if (v := _number(e, "eval/greedy_acc")) is not None
-        ]
-        statics = [v for row in train if (v := _number(row, "mem/static/total_gib")) is not None]
+        held = [(int(e["step"]), v) for e in evals if (v := _num(e, "eval/greedy_acc")) is not None]
+        statics = [v for row in train if (v := _num(row, "mem/static/total_gib")) is not None]
         facts.append(
             RunFacts(
                 variant=r.variant,
@@ -84,9 +76,7 @@ def run_facts(summary: SweepSummary) -> list[RunFacts]:
                 peak_rss_gib=r.peak_mem_gib,
                 static_gib=statics[0] if statics else None,
                 per_step={
-                    k: [
-                        (int(row["step"]), v) for row in train if (v := _number(row, k)) is not None
-                    ]
+                    k: [(int(row["step"]), v) for row in train if (v := _num(row, k)) is not None]
                     for k in PER_STEP_KEYS
                 },
             )

@@ -26,7 +26,9 @@ Example::
 
 Timeouts and worker crashes are counted per pool: ``get_default_pool().stats()``.
 
-Module map: ``extract`` (final answer, thinking, hedging, multi-part answers), ``normalize``
+Module map: ``extract`` (the rules that choose the final answer), ``markers`` (thinking,
+``####`` and ``\\boxed{}``; gold reduction), ``clause`` (reading the answer after a marker),
+``hedging`` (agreement, "or" answers, multi-part answers), ``normalize``
 (plain numbers, compact LaTeX, word answers, inequalities; no evaluation), ``equivalence``
 (decisions, fast path, pre-screen), ``sandbox`` (killable worker pool), ``score`` (statuses,
 batching), ``trl`` (TRL adapter), ``controlled`` (benchmark reward). sympy and math-verify are

@@ -1,9 +1,10 @@
 """Rule-based math reward: completion + gold answer -> 1.0 (correct) or 0.0.
 
-Pipeline per item: reduce the gold to its answer (``extract.gold_answer``), extract the final answer
-of the completion (``extract.extract_final``; several values offered for a gold with as many parts
-are joined into one answer, ``extract.resolve_parts``), then compare (``equivalence.compare``: in-process
-fast path, in-process pre-screen, otherwise a sandboxed worker with a hard time bound).
+Pipeline per item: reduce the gold to its answer (``markers.gold_answer``), extract the final
+answer of the completion (``extract.extract_final``; several values offered for a gold with as
+many parts are joined into one answer, ``hedging.resolve_parts``), then compare
+(``equivalence.compare``: in-process fast path, in-process pre-screen, otherwise a sandboxed
+worker with a hard time bound).
 
 Statuses (``ScoreResult.status``)
 ---------------------------------
@@ -13,7 +14,7 @@ Statuses (``ScoreResult.status``)
                  ``<think>``, unclosed ``<think>``, ...).
 ``hedged``       the completion commits to more than one final answer (``extract.py`` defines it);
                  several values against a gold with as many parts are one multi-part answer
-                 instead (``extract.resolve_parts``) and are compared. Values that all equal
+                 instead (``hedging.resolve_parts``) and are compared. Values that all equal
                  the gold (``$2\\pi$, or equivalently $4\\pi/2$``; at most 4 of them) are one
                  answer written in several forms: ``correct``.
 ``timeout``      the symbolic comparison ran past ``timeout_s`` and its worker was killed.
@@ -27,7 +28,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from grpo_lab.rewards.equivalence import DEFAULT_MAX_CHARS, compare
-from grpo_lab.rewards.extract import extract_final, gold_answer, resolve_parts
+from grpo_lab.rewards.extract import extract_final
+from grpo_lab.rewards.hedging import resolve_parts
+from grpo_lab.rewards.markers import gold_answer
 from grpo_lab.rewards.sandbox import VerifierPool
 
 __all__ = ["STATUSES", "ScoreResult", "math_reward", "score_batch"]

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from grpo_lab.harness import format_duration
 from grpo_lab.sweep.plan import (
     DONE,
     FAILED,
@@ -132,10 +133,10 @@ def run_sweep(
         eta = ""
         if durations:
             left = todo - len(durations)
-            eta = f", about {_hms(left * statistics.fmean(durations))} left"
+            eta = f", about {format_duration(left * statistics.fmean(durations))} left"
         _say(
             f"{tag}: {'resuming' if resume else 'starting'} "
-            f"(elapsed {_hms(time.monotonic() - start)}{eta})\n  $ {shlex.join(cmd)}"
+            f"(elapsed {format_duration(time.monotonic() - start)}{eta})\n  $ {shlex.join(cmd)}"
         )
         run.dir.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
@@ -152,15 +153,17 @@ def run_sweep(
             (run.dir / FAILED).unlink(missing_ok=True)
             (run.dir / DONE).write_text(json.dumps(marker, indent=1) + "\n")
             result.ran.append(run)
-            _say(f"{tag}: done in {_hms(seconds)}")
+            _say(f"{tag}: done in {format_duration(seconds)}")
         else:
             (run.dir / FAILED).write_text(json.dumps(marker, indent=1) + "\n")
             result.failed.append((run, code))
-            _say(f"{tag}: FAILED (exit {code}) after {_hms(seconds)}; log: {run.dir / LOG}")
+            _say(
+                f"{tag}: FAILED (exit {code}) after {format_duration(seconds)}; log: {run.dir / LOG}"
+            )
 
     _say(
         f"{len(result.ran)} ran, {len(result.skipped)} skipped, {len(result.failed)} failed "
-        f"in {_hms(time.monotonic() - start)}"
+        f"in {format_duration(time.monotonic() - start)}"
     )
     if any(run.is_finished() for run in runs):
         result.summary = aggregate_sweep(
@@ -197,10 +200,3 @@ def _write_manifest(spec: SweepSpec, runs: list[RunPlan]) -> None:
 
 def _say(message: str) -> None:
     print(f"[sweep] {message}", flush=True)
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import math
 import os
 import re
@@ -17,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from grpo_lab.sweep.plan import FAILED, is_finished
+from grpo_lab.harness import MetricsWriter
+from grpo_lab.sweep.plan import FAILED, SweepError, is_finished
 from grpo_lab.sweep.stats import (
     TARGET_WINDOW,
     Estimate,
@@ -27,8 +27,6 @@ from grpo_lab.sweep.stats import (
     ratio,
     time_to_target,
 )
-
-logger = logging.getLogger("grpo_lab")
 
 FINAL_TRAIN_FRACTION = 0.1
 
@@ -41,21 +39,13 @@ def read_metrics(path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
 
     An evaluation row has ``eval/*`` keys and no ``reward/*`` key; every other row with a
     ``step`` is a training row. When a step appears twice (a resumed run rewrites the steps after
-    its checkpoint) the row written last wins. A line that is not JSON (a torn last write) is
-    skipped with a warning.
+    its checkpoint) the row written last wins. Lines are read by :meth:`MetricsWriter.read`: a torn
+    last line is skipped, a bad line elsewhere raises ValueError naming file and line.
     """
     train: dict[int, dict] = {}
     evals: dict[int, dict] = {}
-    path = Path(path)
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            logger.warning("%s:%d: not a JSON line, skipped", path, lineno)
-            continue
-        step = row.get("step") if isinstance(row, dict) else None
+    for row in MetricsWriter.read(path):
+        step = row.get("step")
         if isinstance(step, bool) or not isinstance(step, int | float):
             continue
         is_eval = any(k.startswith("eval/") for k in row) and not any(
@@ -140,7 +130,10 @@ def summarise_run(
     stats = RunStats(group, variant, grid, seed, run_dir, status)
     if not (run_dir / "metrics.jsonl").exists():
         return stats
-    train, evals = read_metrics(run_dir / "metrics.jsonl")
+    try:
+        train, evals = read_metrics(run_dir / "metrics.jsonl")
+    except ValueError as e:
+        raise SweepError(str(e)) from None
     keys = {k for row in train for k in row}
     if train:
         stats.steps = int(train[-1]["step"])
