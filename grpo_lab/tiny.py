@@ -3,8 +3,7 @@
 It needs no hub access: the tokenizer and model are built here, trained by a short supervised pass
 on `make_arith(split="train")`, and cached on disk. The model name `TINY_MODEL_NAME`
 ("builtin:tiny-arith") resolves to the cached folder through `grpo_lab.hub.resolve_model_path`,
-and that folder
-loads with `AutoTokenizer` / `AutoModelForCausalLM.from_pretrained`.
+and that folder loads with `AutoTokenizer` / `AutoModelForCausalLM.from_pretrained`.
 
 The supervised pass is deliberately short: RL should start from a model that solves some but far
 from all held-out problems (10-50 % greedy accuracy), so reward has room to move.
