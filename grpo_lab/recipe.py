@@ -208,8 +208,6 @@ def parse_override(model: type[BaseModel], text: str) -> dict[str, Any]:
     """``"a.b.c=value"`` as the nested mapping ``{"a": {"b": {"c": value}}}``, value parsed."""
     key, _, raw = text.partition("=")
     key = key.strip()
-    if "=" not in text or not key:
-        raise ConfigError(f"malformed override {text!r}: expected key=value, e.g. trainer.lr=1e-6")
     parts = key.split(".")
     current: type[BaseModel] | None = model
     field: FieldInfo | None = None
@@ -256,6 +254,10 @@ def layered(model: type[M], path: str | Path | None = None, overrides: Sequence[
             raise ConfigError(f"{path}: invalid YAML: {exc}") from None
         layer(raw, model, data, origins, str(path))
     for text in overrides:
+        if "=" not in text or not text.partition("=")[0].strip():
+            raise ConfigError(
+                f"malformed override {text!r}: expected key=value, e.g. trainer.lr=1e-6"
+            )
         layer(raw, model, text, origins, f"override {text!r}")
     return build(model, raw, origins)
 
