@@ -91,7 +91,7 @@ class DataConfig(Section):
     eval_path: str | None = None
     """Local JSONL file of evaluation problems; null = the task's default evaluation split."""
     template: PromptTemplate = "plain"
-    """Name of the prompt template that wraps each question (data.PROMPT_TEMPLATES)."""
+    """Name of the prompt template that wraps each question."""
     use_chat_template: bool = False
     """Render prompts with the tokenizer's chat template."""
     system_prompt: str | None = None
