@@ -388,8 +388,7 @@ class Config(Section):
         return self.resolved_estimator() == "gae"
 
     def validate(self, num_processes: int = 1) -> None:  # type: ignore[override]
-        """Check every field and rule again (fields may have been assigned since loading) and how
-        a step splits over ``num_processes``; raise :class:`ConfigError` on the first problem."""
+        """Check every field and rule again, and how a step splits over ``num_processes``."""
         recipe.build(Config, to_dict(self), {})
         _check_batch_split(self, num_processes)
 

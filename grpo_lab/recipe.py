@@ -23,6 +23,7 @@ import importlib
 import math
 import types
 from collections.abc import Mapping, Sequence
+from functools import reduce
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
@@ -331,12 +332,6 @@ def build(model: type[M], raw: Mapping[str, Any], origins: Mapping[str, str]) ->
 # --- documentation ---------------------------------------------------------------------------
 
 
-def _get(obj: Any, key: str) -> Any:
-    for part in key.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def explain(config: BaseModel) -> str:
     """Every key with its type, value, bounds and documentation, as text; sections as headers."""
     lines: list[str] = []
@@ -345,7 +340,9 @@ def explain(config: BaseModel) -> str:
         if section(field) is not None:
             lines += ["", f"{indent}{key}:  {doc}"]
             continue
-        value = yaml.safe_dump(_get(config, key), default_flow_style=True, width=math.inf)
+        value = yaml.safe_dump(
+            reduce(getattr, key.split("."), config), default_flow_style=True, width=math.inf
+        )
         value = value.removesuffix("\n...\n").strip()
         bounds = f"  ({bounds_str(field)})" if bounds_str(field) else ""
         lines.append(f"{indent}{key}: {type_str(field)} = {value}{bounds}")
