@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from grpo_lab import algos, recipe
 from grpo_lab.config import Config, ConfigError, format_help, load_config, save_config, to_dict
@@ -25,7 +26,7 @@ def leaf_keys(obj, prefix: str = "") -> list[str]:
     """Dotted leaf keys of a config instance, walked through its values (not its schema)."""
     keys = []
     for name, value in obj:
-        if isinstance(value, recipe.BaseModel):
+        if isinstance(value, BaseModel):
             keys += leaf_keys(value, f"{prefix}{name}.")
         else:
             keys.append(prefix + name)
@@ -396,6 +397,13 @@ def test_cross_field_errors_name_the_keys(overrides, keys):
 )
 def test_valid_combinations_pass(overrides):
     load_config(None, overrides)
+
+
+def test_validate_checks_values_assigned_after_loading():
+    cfg = Config()
+    cfg.rollout.group_size = 0
+    with pytest.raises(ConfigError, match=r"^rollout\.group_size: should be greater than"):
+        cfg.validate()
 
 
 @pytest.mark.parametrize(
