@@ -149,12 +149,10 @@ def _cmd_show(args: argparse.Namespace) -> int:
 def _fit_eval_prompts(problems, tokenizer, model, data, template: str, max_new: int):
     """Refuse prompts longer than the model's context minus max_new (or, with the run's
     data.max_prompt_tokens, drop them) before any is generated from."""
-    import dataclasses
-
     from grpo_lab.config import DataConfig
     from grpo_lab.data import fit_prompts, model_context
 
-    settings = dataclasses.replace(data or DataConfig(), template=template)
+    settings = (data or DataConfig()).model_copy(update={"template": template})
     context = model_context(model.config, tokenizer)
     return fit_prompts(
         problems,

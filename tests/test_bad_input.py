@@ -167,7 +167,8 @@ def test_a_gsm8k_file_read_as_math_says_so(tmp_path, capsys):
 def test_unknown_template_is_a_config_error(tmp_path, capsys):
     assert main(_small("builtin:tiny-arith", tmp_path / "run", "data.template=boxd")) == 2
     line = _error_line(capsys)
-    assert line.startswith("grpo-lab: config error: data.template") and "'boxed'" in line
+    assert line.startswith("grpo-lab: config error: override 'data.template=boxd': data.template")
+    assert "(did you mean 'boxed'?)" in line
 
 
 # ------------------------------------------------------------------ prompt length
