@@ -2,12 +2,12 @@
 one fixed shape over a static KV cache with a ready-made 4D mask.
 
 Both are :class:`StaticCacheBackend`; ``"compiled"`` is the same class with ``compile=True``,
-which runs the fixed-shape step under ``torch.compile`` (CUDA graphs on a GPU). Use
-``"compiled"`` on a GPU where per-token launch overhead dominates (small models, long
-completions); ``"static"`` is its eager twin, for checking it and for CPU runs where the fixed
-step still skips transformers' mask construction. ``"static"`` can read a value head during the
-rollout; ``"compiled"`` cannot (the captured graph would not run the hook) and does not run
-under ZeRO-3. Attention must be ``sdpa`` or ``eager``.
+which runs the fixed-shape step under ``torch.compile``. ``"compiled"`` is meant for CUDA, where
+each step replays as one CUDA graph (no per-kernel launch cost); on CPU inductor's step is
+slower than eager (``benchmarks/RESULTS.md``). ``"static"`` is its eager twin: the same tokens,
+for checking it, and about as fast as ``"shared_prefix"`` on CPU. ``"static"`` can read a value
+head during the rollout; ``"compiled"`` cannot (the captured graph would not run the hook) and
+does not run under ZeRO-3. Attention must be ``sdpa`` or ``eager``.
 
 Owns: :class:`StaticCacheBackend`, the :class:`StaticSlotLayer` KV cache layer (fixed shape,
 written at a cursor) and the 4D attention mask each implementation takes.
