@@ -38,7 +38,8 @@ Prompts = Sequence[str] | Sequence[Sequence[int]]
 
 
 class RolloutBackend(Protocol):
-    """Anything that turns prompts into a :class:`RolloutBatch`; see :func:`generate`."""
+    """Anything that turns prompts into a :class:`RolloutBatch`; see
+    :func:`grpo_lab.rollout.generate` for the arguments."""
 
     def generate(
         self,
