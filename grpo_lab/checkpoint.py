@@ -12,6 +12,10 @@ A checkpoint is a folder ``<output_dir>/checkpoints/step_<NNNNNNN>/`` holding:
 The folder is written as ``step_<N>.tmp`` and renamed into place only when complete, so a crash
 or a full disk mid-save never damages the previous checkpoint. Only the newest ``keep`` complete
 checkpoints are kept.
+
+:func:`save_checkpoint` writes one; :func:`restore` resumes a run from one (its schedules follow
+the new run's learning rate, see :func:`apply_schedule`); :func:`save_model` writes the model a
+run ends with (``final/``), loadable with transformers or peft.
 """
 
 from __future__ import annotations

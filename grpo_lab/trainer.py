@@ -2,26 +2,27 @@
 
 One RL step, read top to bottom in :func:`step`:
 
-    1. sample prompts      the run's PromptSampler; each process keeps its slice
-    2. rollout             G completions per prompt                    (phases.draw)
-    3. reward              rule-based math reward; with rollout.dynamic_sampling, more rounds
-                           until enough groups have signal             (phases.draw)
-    4. experience          old log-probs (only when the batch feeds more than one optimizer
-                           step), reference log-probs (kl_coef > 0), values (PPO), advantages
-                                                                       (phases.make_experience)
-    5. update              epochs x minibatches x micro-batches of policy loss (+ value loss,
-                           + KL in the loss) -> grad clip -> optimizer (update.update)
+    1. sample prompts   the run's PromptSampler; each process keeps its slice   phases.draw
+    2. rollout          G completions per prompt by the rollout engine          phases.draw
+    3. reward           the math reward; with rollout.dynamic_sampling, more    phases.draw
+                        rounds until enough groups have signal
+    4. experience       old log-probs (only when the batch feeds more than one  phases.make_experience
+                        optimizer step), reference log-probs (kl_coef > 0),
+                        values (PPO), advantages
+    5. update           epochs x minibatches x micro-batches of policy loss     update.update
+                        (+ value loss, + KL in the loss) -> grad clip -> step
 
-and :func:`train_loop` around it: log -> evaluate -> checkpoint, then the final model.
+and :func:`train_loop` around it: 6. log, 7. checkpoint and evaluate; then the final model.
 
 Where things live:
 
-- :func:`setup` builds a :class:`Run`: models, optimizers, schedulers, sampler, rollout engine,
-  reward, accelerator, metrics writer; it resumes from a checkpoint when asked.
-- :mod:`grpo_lab.phases`: rollout, reward and experience; :mod:`grpo_lab.update`: the update,
-  loss normalisation and the optimizers; :mod:`grpo_lab.algos`: the maths;
-  :mod:`grpo_lab.evaluation`: held-out accuracy; :mod:`grpo_lab.checkpoint`: checkpoints, resume
-  and the saved model; :mod:`grpo_lab.guards`: divergence checks.
+- :func:`setup` builds a :class:`Run` (models, optimizers, schedulers, sampler, rollout engine,
+  reward, accelerator, metrics writer) and resumes from a checkpoint when asked;
+  :mod:`grpo_lab.build` loads and prepares the models and their optimizers.
+- :mod:`grpo_lab.phases`: rollout, reward, experience; :mod:`grpo_lab.update`: the update and
+  its loss normalisation; :mod:`grpo_lab.algos`: the maths; :mod:`grpo_lab.evaluation`: held-out
+  accuracy; :mod:`grpo_lab.checkpoint`: checkpoints, resume, the saved model;
+  :mod:`grpo_lab.guards`: divergence checks.
 
 Launch with ``grpo-lab train RECIPE [key=value ...]`` or ``accelerate launch -m grpo_lab.train
 RECIPE``; from Python, :func:`train` (a config) or ``train_loop(setup(cfg))``. Every step compares
@@ -78,8 +79,9 @@ RewardFn = Callable[[list[str], list[str]], list[ScoreResult]]
 
 @dataclass(eq=False)
 class Run:
-    """Everything one training run holds. :func:`setup` builds it; :func:`step` advances
-    ``step`` and ``skips``; nothing else changes after setup.
+    """Everything one training run holds. :func:`setup` builds it; of its fields only ``step``
+    and ``skips`` are reassigned afterwards, by :func:`step` (the objects themselves, such as
+    the models, the sampler and the harness, change state as they are used).
 
     ``policy``, ``critic``, ``reference`` and the optimizers are as prepared by ``acc`` (DDP or
     DeepSpeed engines); ``generation_model`` is the bare causal LM that samples (peft-wrapped
@@ -316,7 +318,7 @@ def train_loop(run: Run) -> list[dict]:
             logger.info(format_step_line(record))
         # Step 7: checkpoint and evaluate on their cadences.
         if cfg.checkpoint.every and run.step % cfg.checkpoint.every == 0:
-            _checkpoint(run)
+            write_checkpoint(run)
         if run.step < t.max_steps and t.eval_every > 0 and run.step % t.eval_every == 0:
             _log_eval(run)
     bar.close()
@@ -388,7 +390,7 @@ def _log_eval(run: Run) -> None:
         )
 
 
-def _checkpoint(run: Run) -> None:
+def write_checkpoint(run: Run) -> None:
     """Save a checkpoint; a failed save is logged and the run goes on (the previous
     checkpoint is intact and the next save may succeed)."""
     state = {

@@ -1,11 +1,12 @@
-"""The policy (and value) update of one RL step, and the optimizers and schedule it steps.
+"""The policy (and value) update of one RL step.
 
-    update(run, exp, skips, step=...) -> Updated: metrics, skip counters
-      for epoch in trainer.epochs:
-        for minibatch in trainer.num_minibatches:         # one optimizer step each
-          accumulate_gradients(run, exp, rows)            # micro-batches: forward, loss, backward
-          clip_and_step(policy) [clip_and_step(critic)]   # non-finite norm: step skipped, counted
-      scheduler.step()                                    # once per RL step
+    update(run, exp, skips, step=n) -> Updated(metrics, skips)
+      for epoch in range(trainer.epochs):
+        for minibatch in trainer.num_minibatches (a random split when more than one):
+          accumulate_gradients(run, exp, rows)   micro-batches: forward, losses, backward
+          clip_and_step(policy), clip_and_step(critic)
+                                                 a non-finite norm skips the step; counted
+      scheduler.step()                           once per RL step, not per minibatch
 
 Loss normalisation is owned here, once: every loss is aggregated with token / sequence counts
 summed over the whole minibatch *and all processes*, so the update is identical whether a
@@ -19,7 +20,8 @@ Every diagnostic is declared with its reduction where it is produced (:class:`Ta
   and processes;
 - ``MAX``: a maximum over micro-batches and processes.
 
-Over the optimizer steps of one RL step, ``MAX`` metrics keep the maximum and the others the mean.
+Over the optimizer steps of one RL step, ``MAX`` metrics keep the maximum and the others the
+mean. The optimizers and the LR schedule are built in :mod:`grpo_lab.build`.
 """
 
 from __future__ import annotations
