@@ -4,10 +4,10 @@ Each function takes the :class:`grpo_lab.trainer.Run` (the models, engine, sampl
 accelerator of a run, read but never changed here) and what the previous phase produced, and
 returns what it made and measured:
 
-    draw(run)                       -> Sampled: rollout + reward, with dynamic-sampling rounds
-    reward_metrics(run, sampled)    -> reward/* and rollout/* of everything rolled out
-    make_experience(run, b, r)      -> Experience: old / reference log-probs, values, advantages
-    experience_metrics(exp)         -> advantage/* and value/* of the batch trained on
+    draw(run, step)               -> Drawn: prompts -> rollout -> reward (dynamic-sampling rounds)
+    reward_metrics(run, sampled)  -> reward/* and rollout/* of everything rolled out
+    make_experience(run, b, r)    -> Experience: old / reference log-probs, values, advantages
+    experience_metrics(exp)       -> advantage/* and value/* of the batch trained on
 
 The maths (advantage estimators, KL, whitening) lives in :mod:`grpo_lab.algos`. Every process
 holds whole groups (a prompt's G samples live on one rank), so group statistics need no gather;
