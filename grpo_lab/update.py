@@ -122,11 +122,11 @@ def update(run: Run, exp: Experience, skips: Skips, *, step: int) -> Updated:
             acc = accumulate_gradients(run, exp, idx)
             rows_skipped += acc.rows_skipped
             norm = clip_and_step(run, run.policy, run.opt)
-            skips = _count_skip(run, skips, norm, step)
+            skips = count_skip(run, skips, norm, step)
             critic_norm = None
             if run.critic is not None:
                 critic_norm = clip_and_step(run, run.critic, run.critic_opt)
-                skips = _count_skip(run, skips, critic_norm, step)
+                skips = count_skip(run, skips, critic_norm, step)
             metrics = reduce_over_processes(run, acc)
             if critic_norm is not None:
                 metrics["value/grad_norm"] = critic_norm  # already global (clipped over ranks)
@@ -176,7 +176,7 @@ def clip_and_step(run: Run, model, opt) -> float:
     return norm
 
 
-def _count_skip(run: Run, skips: Skips, norm: float, step: int) -> Skips:
+def count_skip(run: Run, skips: Skips, norm: float, step: int) -> Skips:
     """The skip counters after an optimizer step with gradient norm ``norm``."""
     if run.deepspeed:  # DeepSpeed's loss scaler handles overflow; nothing is counted here
         return skips
