@@ -119,20 +119,20 @@ def update(run: Run, exp: Experience, skips: Skips, *, step: int) -> Updated:
         )
         for mb in range(t.num_minibatches):
             idx = order[mb * per_minibatch : (mb + 1) * per_minibatch]
-            acc = accumulate_gradients(run, exp, idx)
-            rows_skipped += acc.rows_skipped
+            minibatch = accumulate_gradients(run, exp, idx)
+            rows_skipped += minibatch.rows_skipped
             norm = clip_and_step(run, run.policy, run.opt)
             skips = count_skip(run, skips, norm, step)
             critic_norm = None
             if run.critic is not None:
                 critic_norm = clip_and_step(run, run.critic, run.critic_opt)
                 skips = count_skip(run, skips, critic_norm, step)
-            metrics = reduce_over_processes(run, acc)
+            metrics = reduce_over_processes(run, minibatch)
             if critic_norm is not None:
                 metrics["value/grad_norm"] = critic_norm  # already global (clipped over ranks)
             grad_norms.append(norm)
             for k, v in metrics.items():
-                how.setdefault(k, acc.tally.how.get(k, MEAN))
+                how.setdefault(k, minibatch.tally.how.get(k, MEAN))
                 sums[k] = max(sums.get(k, v), v) if how[k] == MAX else sums.get(k, 0.0) + v
             n_updates += 1
     run.sched.step()
@@ -146,9 +146,9 @@ def update(run: Run, exp: Experience, skips: Skips, *, step: int) -> Updated:
     return Updated(out, skips)
 
 
-def reduce_over_processes(run: Run, acc: Accumulated) -> dict[str, float]:
+def reduce_over_processes(run: Run, minibatch: Accumulated) -> dict[str, float]:
     """One minibatch's diagnostics over every process, by their declared reductions."""
-    tally, scale = acc.tally, acc.micro_batches * run.world
+    tally, scale = minibatch.tally, minibatch.micro_batches * run.world
     # Losses were normalised by global counts, so their sum over micro-batches and processes
     # is the minibatch loss; MEAN diagnostics are per-micro-batch values, averaged.
     keys = [k for k, how in tally.how.items() if how != MAX]
