@@ -27,7 +27,7 @@ default). ``controlled`` (the ``mid`` and ``w0.5b`` defaults, whose random model
 everywhere and turn GRPO's update into a no-op) is :class:`grpo_lab.rewards.ControlledReward`:
 seeded per-group rewards keyed by the prompt, with k of G successes, k uniform on 1..G-1, so
 every group has signal, except an expected ``--zero-std-fraction`` of groups whose rewards are
-all equal. grpo_lab (``Trainer(reward_fn=...)``) and TRL (a reward function) get the same
+all equal. grpo_lab (``setup(cfg, reward_fn=...)``) and TRL (a reward function) get the same
 rewards for the same prompt. The measured fraction of zero-std groups is in the JSON.
 
 JSON fields (besides the settings): ``results.<impl>`` with ``step_s`` (timed steps),
@@ -61,7 +61,7 @@ Presets:
 
 What one "step" is:
 
-- grpo_lab: one ``Trainer.step()`` (sample prompts, rollout, reward, scoring passes, the update).
+- grpo_lab: one ``grpo_lab.trainer.step(run)`` (sample prompts, rollout, reward, scoring passes, the update).
   GRPO makes one optimizer update per step; the PPO recipes make ``epochs x num_minibatches``
   updates per step (their design), so their step is one rollout batch, not one update.
 - TRL: one optimizer step of ``GRPOTrainer``, timed by a callback from ``on_step_begin`` to
@@ -822,7 +822,7 @@ class RewardSpec:
         return ControlledReward(group_size, self.zero_std_fraction, seed=self.seed)
 
     def for_grpo_lab(self, group_size: int):
-        """``Trainer``'s ``reward_fn`` (None: the trainer's own math reward)."""
+        """``grpo_lab.trainer.setup``'s ``reward_fn`` (None: the trainer's own math reward)."""
         return self.controlled(group_size) if self.kind == "controlled" else None
 
     def for_trl(self, group_size: int):
@@ -869,12 +869,13 @@ def run_grpo_lab(
     extra_overrides: Sequence[str] = (),
     reward: RewardSpec | None = None,
 ) -> ImplResult:
-    """Build ``Trainer`` from the impl's recipe and time ``warmup + steps`` calls of ``step()``.
+    """Set up a run from the impl's recipe and time ``warmup + steps`` calls of ``step(run)``.
 
     ``extra_overrides`` (dotted ``key=value``) go last, e.g. ``model.lora.r=16`` to measure LoRA
     against full fine-tuning on the same workload. ``reward`` defaults to the preset's kind."""
+    from grpo_lab.build import static_footprint
     from grpo_lab.config import load_config
-    from grpo_lab.trainer import Trainer
+    from grpo_lab.trainer import setup, step
 
     reward = reward or RewardSpec(preset.reward, seed=seed)
     overrides = grpo_lab_overrides(
@@ -894,11 +895,11 @@ def run_grpo_lab(
     rss_before = _rss_gib()
     step_s, cpu_s, records = [], [], []
     with RssSampler() as rss:
-        trainer = Trainer(cfg, reward_fn=reward.for_grpo_lab(preset.group_size))
+        run = setup(cfg, reward_fn=reward.for_grpo_lab(preset.group_size))
         for _ in range(warmup + steps):
             _sync(device)
             start, cpu_start = time.perf_counter(), time.process_time()
-            record = trainer.step()
+            record = step(run)
             _sync(device)
             step_s.append(time.perf_counter() - start)
             cpu_s.append(time.process_time() - cpu_start)
@@ -926,14 +927,18 @@ def run_grpo_lab(
         ],
         # PPO-head reads its old values during the rollout unless a values pass ran.
         "values_pass": "values" in phases,
-        "static_gib": _static_gib(trainer.static_footprint()),
+        "static_gib": _static_gib(
+            static_footprint(
+                run.acc, run.policy, run.opt, run.critic, run.critic_opt, run.reference
+            )
+        ),
     }
     if device.type == "cuda":
         extra["harness_peak_reserved_gib"] = max(r.get("mem/peak_reserved_gib", 0) for r in records)
     else:
         extra["harness_rss_peak_gib"] = max(r.get("mem/rss_peak_gib", math.nan) for r in records)
         extra["ru_maxrss_gib_after"] = _ru_maxrss_gib()
-    del trainer
+    del run
     free_memory(device)
     reset_accelerate_state()
     return ImplResult(

@@ -12,6 +12,10 @@ A checkpoint is a folder ``<output_dir>/checkpoints/step_<NNNNNNN>/`` holding:
 The folder is written as ``step_<N>.tmp`` and renamed into place only when complete, so a crash
 or a full disk mid-save never damages the previous checkpoint. Only the newest ``keep`` complete
 checkpoints are kept.
+
+:func:`save_checkpoint` writes one; :func:`restore` resumes a run from one (its schedules follow
+the new run's learning rate, see :func:`apply_schedule`); :func:`save_model` writes the model a
+run ends with (``final/``), loadable with transformers or peft.
 """
 
 from __future__ import annotations
@@ -23,7 +27,19 @@ import os
 import shutil
 from pathlib import Path
 
-from grpo_lab.errors import UserError, is_out_of_space, is_write_failure, one_line
+import torch
+
+from grpo_lab import distributed
+from grpo_lab.config import to_dict
+from grpo_lab.errors import (
+    UserError,
+    disk_full_error,
+    is_out_of_space,
+    is_write_failure,
+    one_line,
+)
+from grpo_lab.harness import MetricsWriter
+from grpo_lab.rollout import gather_params_for_generation
 
 logger = logging.getLogger("grpo_lab")
 
@@ -318,3 +334,102 @@ def apply_schedule(scheduler, lr: float, *, betas=None, weight_decay: float | No
         if weight_decay is not None:
             group["weight_decay"] = weight_decay
     sched._last_lr = [group["lr"] for group in groups]
+
+
+def restore(
+    accelerator,
+    cfg,
+    output_dir: Path,
+    current_fingerprint: dict,
+    schedules: list[tuple[object, float]],
+) -> dict | None:
+    """Resume a run as ``cfg.resume`` says: load the checkpoint into the prepared models,
+    optimizers, schedulers and registered objects, and return its trainer state (``step``,
+    ``skipped_total``, ``skipped_in_a_row``); None for a fresh run.
+
+    ``schedules`` pairs each scheduler with this run's base learning rate: the schedule follows
+    this run's ``trainer.lr`` / ``max_steps`` / warmup, not the checkpoint's. Metrics rows written
+    after the checkpoint are dropped (this run redoes them); a fresh run starts a fresh file.
+    """
+    metrics = output_dir / "metrics.jsonl"
+    current = to_dict(cfg)
+    found = resume_from(accelerator, cfg.resume, output_dir, current_fingerprint, current)
+    if found is None:
+        if accelerator.is_main_process:
+            metrics.unlink(missing_ok=True)
+        if cfg.resume == "auto":
+            logger.info("resume=auto: no complete checkpoint in %s, starting fresh", output_dir)
+        return None
+    path, state = found
+    t = cfg.trainer
+    for scheduler, lr in schedules:
+        apply_schedule(scheduler, lr, betas=t.adam_betas, weight_decay=t.weight_decay)
+    changed, _ = config_changes(state.get("config") or {}, current)
+    changed = [c for c in changed if not c.startswith(("resume:", "overwrite:"))]
+    if changed and state.get("config"):
+        logger.info("resume applies changed settings: %s", "; ".join(changed))
+    if accelerator.is_main_process:
+        MetricsWriter.truncate_after(metrics, state["step"])
+    accelerator.wait_for_everyone()
+    logger.info("resumed from %s at step %d", path, state["step"])
+    return state
+
+
+def save_model(accelerator, path: Path, policy, tokenizer, critic=None) -> None:
+    """Write the policy (or its LoRA adapter and value head), tokenizer and critic to ``path``.
+
+    ``policy`` and ``critic`` as prepared. Written to ``<path>.tmp`` and renamed into place.
+    Under ZeRO-3 every rank takes part in gathering the partitioned weights; the main process
+    writes. ``replicas.json`` holds each rank's digest of its parameters; ranks that differ raise
+    after the save. A full disk stops every rank with nothing replaced.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    accelerator.wait_for_everyone()
+    main = accelerator.is_main_process
+    failed: list[BaseException] = []
+
+    def write(*steps) -> None:
+        """Main process only; a full disk is remembered so every rank stops together."""
+        if not main or failed:
+            return
+        try:
+            for step in steps:
+                step()
+        except Exception as e:
+            if not is_out_of_space(e, path.parent):
+                raise
+            failed.append(e)
+
+    replicas = {}  # every rank's digest of its own parameters, checked below
+    policy = accelerator.unwrap_model(policy)
+    with gather_params_for_generation(policy):
+        replicas["policy"] = distributed.replica_digests(accelerator, policy)
+        write(
+            lambda: shutil.rmtree(tmp, ignore_errors=True),
+            lambda: policy.save_pretrained(tmp),
+            lambda: tokenizer.save_pretrained(tmp),
+        )
+    if critic is not None:
+        critic = accelerator.unwrap_model(critic)
+        with gather_params_for_generation(critic):
+            replicas["critic"] = distributed.replica_digests(accelerator, critic)
+            write(lambda: critic.save_pretrained(tmp / "critic"))
+    text = json.dumps(replicas, indent=2) + "\n"
+    write(lambda: (tmp / distributed.REPLICAS_FILE).write_text(text))
+    flag = distributed.global_sum(
+        accelerator, torch.tensor(float(len(failed)), device=accelerator.device)
+    )
+    if flag > 0:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise disk_full_error(
+            path.parent,
+            f"the model to {path}",
+            "nothing was replaced; free space, then resume=auto continues from the newest "
+            "checkpoint",
+        ) from (failed[0] if failed else None)
+    if main:
+        replace_folder(tmp, path)
+    accelerator.wait_for_everyone()
+    distributed.check_replicas(replicas, str(path / distributed.REPLICAS_FILE))

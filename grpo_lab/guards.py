@@ -14,13 +14,26 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["divergence_advice", "entropy_alarm", "non_finite_parameters", "sampling_guard"]
+from grpo_lab import distributed
+from grpo_lab.errors import DivergenceError
+
+logger = logging.getLogger("grpo_lab")
+
+__all__ = [
+    "check_entropy",
+    "check_finite",
+    "divergence_advice",
+    "entropy_alarm",
+    "non_finite_parameters",
+    "sampling_guard",
+]
 
 
 def non_finite_parameters(module: nn.Module, limit: int = 3) -> list[str]:
@@ -45,8 +58,6 @@ def sampling_guard(when: str, advice: str) -> Iterator[None]:
     Finite but huge weights (an update at ``lr=1e38``) pass :func:`non_finite_parameters` and
     overflow only in the logits; the sampler is the first to see them.
     """
-    from grpo_lab.errors import DivergenceError
-
     try:
         yield
     except RuntimeError as e:
@@ -103,3 +114,40 @@ def entropy_alarm(
             "whatever the prompt"
         )
     return None
+
+
+def check_finite(acc, models: dict[str, nn.Module | None], when: str, advice: str) -> None:
+    """Raise :class:`DivergenceError` when any process finds a NaN or an infinity in ``models``
+    (prepared or not; None entries are skipped). One all-reduce: every process stops together.
+    """
+    bad = {
+        name: non_finite_parameters(acc.unwrap_model(model))
+        for name, model in models.items()
+        if model is not None
+    }
+    flag = torch.tensor(float(any(bad.values())), device=acc.device)
+    if float(distributed.global_sum(acc, flag)) == 0:
+        return
+    names = ", ".join(f"{k}: {', '.join(v)}" for k, v in bad.items() if v) or "on another rank"
+    raise DivergenceError(f"parameters are NaN or infinite after {when} ({names}); " + advice)
+
+
+def check_entropy(
+    entropies: Sequence[float], vocab_size: int, divergence, where: str, advice: str
+) -> None:
+    """Warn, or with ``divergence.action=stop`` raise :class:`DivergenceError`, when
+    :func:`entropy_alarm` fires on the per-step entropies so far (``divergence`` settings)."""
+    d = divergence
+    message = entropy_alarm(
+        entropies,
+        vocab_size=vocab_size,
+        entropy_max=d.entropy_max,
+        entropy_min=d.entropy_min,
+        patience=d.patience,
+    )
+    if message is None:
+        return
+    message += f" at {where}; " + advice
+    if d.action == "stop":
+        raise DivergenceError(message + " (divergence.action=warn only warns)")
+    logger.warning("%s", message)

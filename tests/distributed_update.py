@@ -20,8 +20,10 @@ import sys
 import torch
 
 from grpo_lab.config import load_config
+from grpo_lab.phases import make_experience
 from grpo_lab.rollout import RolloutBatch, gather_params_for_generation
-from grpo_lab.trainer import Trainer
+from grpo_lab.trainer import setup
+from grpo_lab.update import update
 
 OBJECTIVES = {
     "grpo": ["algorithm=grpo", "loss.kl_coef=0.05", "advantage.scale=batch"],
@@ -80,41 +82,40 @@ def run_objective(objective: str, args) -> tuple[dict, object]:
             *OBJECTIVES[objective],
         ],
     )
-    trainer = Trainer(cfg)
-    tok = trainer.tokenizer
+    run = setup(cfg)
+    tok = run.tokenizer
     batch, rewards = global_batch(len(tok), tok.eos_token_id, tok.pad_token_id)
-    per_rank = batch.num_sequences // trainer.world
-    local = slice(trainer.rank * per_rank, (trainer.rank + 1) * per_rank)
-    batch, rewards = batch.select(local).to(trainer.acc.device), rewards[local]
+    per_rank = batch.num_sequences // run.world
+    local = slice(run.rank * per_rank, (run.rank + 1) * per_rank)
+    batch, rewards = batch.select(local).to(run.acc.device), rewards[local]
 
     losses, skipped = [], []
-    for _ in range(args.steps):
-        trainer.harness.start_step()
-        exp = trainer._make_experience(batch, rewards)
-        metrics = trainer._update(exp)
+    for i in range(args.steps):
+        run.harness.start_step()
+        exp = make_experience(run, batch, rewards)
+        updated = update(run, exp, run.skips, step=i + 1)
+        run.skips, metrics = updated.skips, updated.metrics
         losses.append(
             [metrics.get("loss/policy", 0.0), metrics.get("loss/value", 0.0), metrics["loss/total"]]
         )
         skipped.append(metrics["update/zero_advantage_rows_skipped"])
 
-    models = {"policy": trainer.policy} | (
-        {"critic": trainer.critic} if trainer.critic is not None else {}
-    )
+    models = {"policy": run.policy} | ({"critic": run.critic} if run.critic is not None else {})
     params = {}
     for name, model in models.items():
-        unwrapped = trainer.acc.unwrap_model(model)
+        unwrapped = run.acc.unwrap_model(model)
         with gather_params_for_generation(unwrapped):
             for pname, p in unwrapped.named_parameters():
                 params[f"{name}.{pname}"] = p.detach().float().cpu().clone()
 
-    if trainer.world > 1:
+    if run.world > 1:
         # Every rank must hold exactly the parameters rank 0 holds.
         flat = torch.cat([p.flatten() for p in params.values()])
-        gathered = trainer.acc.gather(flat[None].to(trainer.acc.device)).cpu()
-        for r in range(1, trainer.world):
+        gathered = run.acc.gather(flat[None].to(run.acc.device)).cpu()
+        for r in range(1, run.world):
             torch.testing.assert_close(gathered[r], gathered[0], rtol=0, atol=0)
-    result = {"losses": torch.tensor(losses), "params": params, "world": trainer.world}
-    return result | {"skipped": skipped}, trainer.acc
+    result = {"losses": torch.tensor(losses), "params": params, "world": run.world}
+    return result | {"skipped": skipped}, run.acc
 
 
 def main(argv: list[str]) -> int:

@@ -352,15 +352,15 @@ def test_non_finite_weights_stop_before_the_next_rollout(
 ):
     from grpo_lab import trainer as trainer_module
 
-    real = trainer_module.Trainer._update
+    real = trainer_module.update
 
-    def poisoned(self, exp):
-        out = real(self, exp)
+    def poisoned(run, exp, *args, **kwargs):
+        out = real(run, exp, *args, **kwargs)
         with torch.no_grad():
-            next(self.policy.parameters()).fill_(float("inf"))
+            next(run.policy.parameters()).fill_(float("inf"))
         return out
 
-    monkeypatch.setattr(trainer_module.Trainer, "_update", poisoned)
+    monkeypatch.setattr(trainer_module, "update", poisoned)
     out = tmp_path / "run"
     assert main(_small(tiny_model_dir, out, "trainer.max_steps=3", "checkpoint.every=1")) == 3
     line = _error_line(capsys)

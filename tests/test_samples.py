@@ -13,7 +13,7 @@ from grpo_lab.rewards import ScoreResult, score_batch
 from grpo_lab.rollout import RolloutBatch
 from grpo_lab.samples import TABLE_COLUMNS, SampleLog, is_due, sample_records
 from grpo_lab.tiny import build_tokenizer
-from grpo_lab.trainer import Trainer
+from grpo_lab.trainer import setup, train_loop
 
 
 def _ids(tok, text: str) -> list[int]:
@@ -152,7 +152,7 @@ def test_a_short_run_writes_samples_that_match_its_rollouts(tiny_model_dir, tmp_
             "harness.sample_prompts=1",
         ],
     )
-    Trainer(cfg).train()
+    train_loop(setup(cfg))
     records = MetricsWriter.read(tmp_path / "samples.jsonl")
     assert [(r["step"], r["group"], r["sample"]) for r in records] == [
         (step, 0, i) for step in (2, 3) for i in range(4)

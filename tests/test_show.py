@@ -140,7 +140,7 @@ def test_show_plot_writes_one_png_per_logged_curve(tmp_path):
 def test_show_a_finished_run_from_the_command_line(tmp_path, capsys):
     """A real two-step run: the command prints its status and samples and writes its plots."""
     from grpo_lab.tiny import build_model, build_tokenizer
-    from grpo_lab.trainer import Trainer
+    from grpo_lab.trainer import setup, train_loop
 
     torch.manual_seed(0)
     tok = build_tokenizer()
@@ -160,7 +160,7 @@ def test_show_a_finished_run_from_the_command_line(tmp_path, capsys):
             "trainer.progress_bar=false",
         ],
     )
-    Trainer(cfg).train()
+    train_loop(setup(cfg))
     assert main(["show", str(run), "--plot"]) == 0
     out = capsys.readouterr().out
     assert "step 2 / 2" in out and "finished" in out

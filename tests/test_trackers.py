@@ -14,7 +14,7 @@ from grpo_lab.cli import main
 from grpo_lab.config import ConfigError, load_config
 from grpo_lab.harness import MetricsWriter
 from grpo_lab.samples import TABLE_COLUMNS
-from grpo_lab.trainer import Trainer
+from grpo_lab.trainer import setup, train_loop
 
 
 def test_missing_tracker_names_the_extra(monkeypatch):
@@ -63,7 +63,7 @@ def _run(model_dir: str, out: Path, tracker: str) -> tuple[list[dict], list[dict
             f"harness.report_to=[{tracker}]",
         ],
     )
-    Trainer(cfg).train()
+    train_loop(setup(cfg))
     return MetricsWriter.read(out / "metrics.jsonl"), MetricsWriter.read(out / "samples.jsonl")
 
 

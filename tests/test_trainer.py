@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from grpo_lab import trainer as trainer_module
+from grpo_lab import distributed, phases
+from grpo_lab import update as update_module
 from grpo_lab.config import load_config
 from grpo_lab.harness import MetricsWriter
-from grpo_lab.trainer import Trainer
+from grpo_lab.trainer import setup, step, train_loop, write_checkpoint
 
 OBJECTIVES = {
     "grpo": ["algorithm=grpo"],
@@ -54,24 +55,25 @@ def test_update_does_not_depend_on_micro_batch_split(objective, tiny_model_dir, 
     cfg = small_config(
         tiny_model_dir, tmp_path, *OBJECTIVES[objective], "trainer.epochs=2", "loss.kl_coef=0.1"
     )
-    trainer = Trainer(cfg)
-    trainer.harness.start_step()
+    run = setup(cfg)
+    run.harness.start_step()
     torch.manual_seed(1)
-    problems = trainer.sampler.next_batch()
-    batch = trainer._rollout([p.question for p in problems])
+    problems = run.sampler.next_batch()
+    batch = phases.rollout(run, [p.question for p in problems])
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0])
-    exp = trainer._make_experience(batch, rewards)
+    exp = phases.make_experience(run, batch, rewards)
     # Move the behaviour policy away from the current one so clipping and dual paths are exercised.
     exp.old_logp = exp.old_logp + 0.3 * torch.randn_like(exp.old_logp) * batch.completion_mask
     idx = torch.arange(batch.num_sequences)
-    models = [trainer.policy] + ([trainer.critic] if trainer.critic is not None else [])
+    models = [run.policy] + ([run.critic] if run.critic is not None else [])
 
     results = {}
     for micro in (8, 2, 1):
-        trainer.cfg.trainer.micro_batch_size = micro
+        run.cfg.trainer.micro_batch_size = micro
         for m in models:
             m.zero_grad(set_to_none=True)
-        totals, n_micro = trainer.accumulate_gradients(exp, idx)
+        acc = update_module.accumulate_gradients(run, exp, idx)
+        totals, n_micro = acc.tally, acc.micro_batches
         assert n_micro == 8 // micro
         results[micro] = (
             totals["loss/total"],
@@ -104,8 +106,8 @@ def test_short_run_of_each_objective(objective, tiny_model_dir, tmp_path):
     if objective == "grpo":
         extra.append("loss.kl_coef=0.05")
     cfg = small_config(tiny_model_dir, tmp_path, *OBJECTIVES[objective], *extra)
-    trainer = Trainer(cfg)
-    history = trainer.train()
+    run = setup(cfg)
+    history = train_loop(run)
     assert [r["step"] for r in history] == [1, 2]
     rows = MetricsWriter.read(tmp_path / "metrics.jsonl")
     train_rows = [r for r in rows if "reward/mean" in r]
@@ -130,7 +132,7 @@ def test_short_run_of_each_objective(objective, tiny_model_dir, tmp_path):
 
 def test_single_update_skips_old_logprob_forward(tiny_model_dir, tmp_path):
     cfg = small_config(tiny_model_dir, tmp_path, "trainer.max_steps=1")
-    history = Trainer(cfg).train()
+    history = train_loop(setup(cfg))
     assert history[0]["rollout/old_logprob_pass"] == 0.0
     assert "time/old_logprob_s" not in history[0]
     assert "time/ref_s" not in history[0]  # kl_coef 0: no reference model at all
@@ -216,22 +218,22 @@ def test_resume_with_a_different_algorithm_is_refused(tiny_model_dir, tmp_path):
     from grpo_lab.checkpoint import CheckpointError
 
     cfg = small_config(tiny_model_dir, tmp_path, "trainer.max_steps=1", "checkpoint.every=1")
-    Trainer(cfg).train()
+    train_loop(setup(cfg))
     other = small_config(
         tiny_model_dir, tmp_path, "algorithm=ppo", "resume=auto", "trainer.max_steps=2"
     )
     with pytest.raises(CheckpointError, match="algorithm"):
-        Trainer(other)
+        setup(other)
 
 
 def test_partial_checkpoint_is_ignored(tiny_model_dir, tmp_path, caplog):
     cfg = small_config(tiny_model_dir, tmp_path, "trainer.max_steps=1", "checkpoint.every=1")
-    Trainer(cfg).train()
+    train_loop(setup(cfg))
     partial = tmp_path / "checkpoints" / "step_0000009"
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"truncated")
-    resumed = Trainer(small_config(tiny_model_dir, tmp_path, "resume=auto", "trainer.max_steps=2"))
-    assert resumed.global_step == 1
+    resumed = setup(small_config(tiny_model_dir, tmp_path, "resume=auto", "trainer.max_steps=2"))
+    assert resumed.step == 1
     assert "partial checkpoint" in caplog.text
 
 
@@ -251,20 +253,20 @@ def test_lora_uses_the_policy_without_adapters_as_reference(tiny_model_dir, tmp_
         "model.lora.r=4", "model.lora.alpha=8", "trainer.max_steps=2",
         "model.lora.target_modules=[q_proj,v_proj,up_proj]",
     )  # fmt: skip
-    trainer = Trainer(cfg)
-    assert trainer.reference is None
-    head_before = trainer.policy.v_head.linear.weight.detach().clone()
+    run = setup(cfg)
+    assert run.reference is None
+    head_before = run.policy.v_head.linear.weight.detach().clone()
     base_before = {
         n: p.detach().clone()
-        for n, p in trainer.policy.named_parameters()
+        for n, p in run.policy.named_parameters()
         if "lora_" not in n and "v_head" not in n
     }
-    history = trainer.train()
+    history = train_loop(run)
     # LoRA B starts at zero, so at step 1 the policy equals its reference: KL exactly 0.
     assert history[0]["policy/kl_ref"] == 0.0
     assert history[1]["policy/kl_ref"] > 0.0
-    assert not torch.equal(trainer.policy.v_head.linear.weight, head_before)
-    for n, p in trainer.policy.named_parameters():
+    assert not torch.equal(run.policy.v_head.linear.weight, head_before)
+    for n, p in run.policy.named_parameters():
         if n in base_before:
             assert torch.equal(p, base_before[n]), f"frozen base weight {n} changed"
     assert (tmp_path / "final" / "adapter_config.json").is_file()
@@ -278,15 +280,13 @@ def test_lora_uses_the_policy_without_adapters_as_reference(tiny_model_dir, tmp_
 
 
 def test_out_of_memory_names_the_phase_and_the_knobs(tiny_model_dir, tmp_path, monkeypatch):
-    import grpo_lab.trainer as trainer_module
-
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(trainer_module, "generate", oom)
-    trainer = Trainer(small_config(tiny_model_dir, tmp_path, "trainer.max_steps=1"))
+    monkeypatch.setattr(phases, "generate", oom)
+    run = setup(small_config(tiny_model_dir, tmp_path, "trainer.max_steps=1"))
     with pytest.raises(RuntimeError, match="'rollout' phase") as info:
-        trainer.step()
+        step(run)
     for knob in (
         "trainer.micro_batch_size",
         "rollout.batch_size",
@@ -301,31 +301,31 @@ def test_non_finite_gradients_skip_updates_then_stop(tiny_model_dir, tmp_path, m
     cfg = small_config(
         tiny_model_dir, tmp_path, "trainer.max_steps=5", "trainer.max_skipped_steps=2"
     )
-    trainer = Trainer(cfg)
-    before = [p.detach().clone() for p in trainer.policy.parameters()]
-    real = trainer.accumulate_gradients
+    run = setup(cfg)
+    before = [p.detach().clone() for p in run.policy.parameters()]
+    real = update_module.accumulate_gradients
 
-    def poisoned(exp, idx):
-        totals, n = real(exp, idx)
-        next(trainer.policy.parameters()).grad.fill_(float("nan"))
-        return totals, n
+    def poisoned(run, exp, idx):
+        out = real(run, exp, idx)
+        next(run.policy.parameters()).grad.fill_(float("nan"))
+        return out
 
-    monkeypatch.setattr(trainer, "accumulate_gradients", poisoned)
-    record = trainer.step()
+    monkeypatch.setattr(update_module, "accumulate_gradients", poisoned)
+    record = step(run)
     assert record["optim/skipped_steps"] == 1
-    for p, b in zip(trainer.policy.parameters(), before):
+    for p, b in zip(run.policy.parameters(), before):
         assert torch.equal(p, b)  # the update was skipped, not applied with NaNs
     with pytest.raises(RuntimeError, match="2 consecutive updates had non-finite gradients"):
-        trainer.step()
+        step(run)
 
 
 def test_global_whitening_stats_match_the_masked_statistics(tiny_model_dir, tmp_path):
     from grpo_lab.algos import masked_mean, masked_var
 
-    trainer = Trainer(small_config(tiny_model_dir, tmp_path))
+    run = setup(small_config(tiny_model_dir, tmp_path))
     x = torch.randn(6, 5)
     mask = (torch.rand(6, 5) > 0.3).long()
-    mean, var = trainer._global_masked_stats(x, mask)
+    mean, var = distributed.global_masked_stats(run.acc, x, mask)
     torch.testing.assert_close(mean, masked_mean(x, mask))
     torch.testing.assert_close(var, masked_var(x, mask))
 
@@ -338,10 +338,10 @@ def test_global_whitening_stats_match_the_masked_statistics(tiny_model_dir, tmp_
 def test_other_rollout_engines_drive_the_loop(tiny_model_dir, tmp_path, engine):
     # The default engine is shared_prefix with multinomial sampling (every other test).
     cfg = small_config(tiny_model_dir, tmp_path, "trainer.max_steps=2", *engine)
-    trainer = Trainer(cfg)
+    run = setup(cfg)
     if "rollout.sampler=inverse_cdf" in engine:
-        assert trainer.rollout_backend.sampler == "inverse_cdf"
-    history = trainer.train()
+        assert run.engine.sampler == "inverse_cdf"
+    history = train_loop(run)
     assert [r["step"] for r in history] == [1, 2]
     assert all(0.0 <= r["reward/mean"] <= 1.0 for r in history)
 
@@ -352,18 +352,18 @@ def test_failed_save_keeps_the_previous_checkpoint(tiny_model_dir, tmp_path, mon
     import errno
 
     cfg = small_config(tiny_model_dir, tmp_path, "trainer.max_steps=2", "checkpoint.every=1")
-    trainer = Trainer(cfg)
-    trainer.step()
-    trainer.save_checkpoint()
-    real_save = trainer.acc.save_state
+    run = setup(cfg)
+    step(run)
+    write_checkpoint(run)
+    real_save = run.acc.save_state
 
     def full_disk(output_dir, **kwargs):
         real_save(output_dir, **kwargs)  # partly written, then the disk fills up
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(trainer.acc, "save_state", full_disk)
-    trainer.step()
-    trainer.save_checkpoint()
+    monkeypatch.setattr(run.acc, "save_state", full_disk)
+    step(run)
+    write_checkpoint(run)
     assert "No space left on device" in caplog.text and "previous checkpoint is kept" in caplog.text
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["step_0000001"]
@@ -374,14 +374,14 @@ def test_corrupt_checkpoint_is_a_clear_error(tiny_model_dir, tmp_path):
     from grpo_lab.checkpoint import CheckpointError
 
     cfg = small_config(tiny_model_dir, tmp_path, "trainer.max_steps=1", "checkpoint.every=1")
-    Trainer(cfg).train()
+    train_loop(setup(cfg))
     ckpt = tmp_path / "checkpoints" / "step_0000001"
     (ckpt / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match=r"step_0000001 is corrupt"):
-        Trainer(small_config(tiny_model_dir, tmp_path, "resume=auto", "trainer.max_steps=2"))
+        setup(small_config(tiny_model_dir, tmp_path, "resume=auto", "trainer.max_steps=2"))
     (ckpt / "trainer_state.json").write_text("{ truncated")
     with pytest.raises(CheckpointError, match=r"corrupt: cannot read trainer_state.json"):
-        Trainer(small_config(tiny_model_dir, tmp_path, "resume=auto", "trainer.max_steps=2"))
+        setup(small_config(tiny_model_dir, tmp_path, "resume=auto", "trainer.max_steps=2"))
 
 
 def test_resume_with_a_different_model_shape_is_refused(tiny_model_dir, tmp_path):
@@ -389,9 +389,9 @@ def test_resume_with_a_different_model_shape_is_refused(tiny_model_dir, tmp_path
 
     from grpo_lab.checkpoint import CheckpointError
 
-    Trainer(
-        small_config(tiny_model_dir, tmp_path, "trainer.max_steps=1", "checkpoint.every=1")
-    ).train()
+    train_loop(
+        setup(small_config(tiny_model_dir, tmp_path, "trainer.max_steps=1", "checkpoint.every=1"))
+    )
     wider = tmp_path / "wider"
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     config = model.config
@@ -400,33 +400,31 @@ def test_resume_with_a_different_model_shape_is_refused(tiny_model_dir, tmp_path
     for f in Path(tiny_model_dir).glob("tokenizer*"):
         (wider / f.name).write_bytes(f.read_bytes())
     with pytest.raises(CheckpointError, match="param_shapes"):
-        Trainer(
-            small_config(tiny_model_dir, tmp_path, "resume=auto", f"model.name_or_path={wider}")
-        )
+        setup(small_config(tiny_model_dir, tmp_path, "resume=auto", f"model.name_or_path={wider}"))
 
 
 def test_skipping_zero_advantage_rows_leaves_the_update_unchanged(tiny_model_dir, tmp_path):
     """Rows of a group with identical rewards have advantage 0: running them or not gives the
     same loss and gradients, since the loss is normalised by the whole minibatch's counts."""
     cfg = small_config(tiny_model_dir, tmp_path, "trainer.micro_batch_size=2")
-    trainer = Trainer(cfg)
-    trainer.harness.start_step()
+    run = setup(cfg)
+    run.harness.start_step()
     torch.manual_seed(3)
-    batch = trainer._rollout([p.question for p in trainer.sampler.next_batch()])
+    batch = phases.rollout(run, [p.question for p in run.sampler.next_batch()])
     rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0])  # second group: no signal
-    exp = trainer._make_experience(batch, rewards)
+    exp = phases.make_experience(run, batch, rewards)
     idx = torch.arange(batch.num_sequences)
     results = {}
     for skip in (False, True):
-        trainer.cfg.trainer.skip_zero_advantage = skip
-        trainer._skipped_rows = 0
-        trainer.policy.zero_grad(set_to_none=True)
-        totals, n_micro = trainer.accumulate_gradients(exp, idx)
+        run.cfg.trainer.skip_zero_advantage = skip
+        run.policy.zero_grad(set_to_none=True)
+        acc = update_module.accumulate_gradients(run, exp, idx)
+        totals, n_micro = acc.tally, acc.micro_batches
         results[skip] = (
             totals["loss/policy"],
-            _grads(trainer.policy),
+            _grads(run.policy),
             n_micro,
-            trainer._skipped_rows,
+            acc.rows_skipped,
         )
     assert results[False][2] == 4 and results[True][2] == 2  # 8 rows vs the 4 with signal
     assert results[True][3] == 4
@@ -449,21 +447,21 @@ def rollout_for_update(objective: str, model_dir: str, out: Path, seed: int):
         "trainer.epochs=2",
         "loss.kl_coef=0.1",
     )
-    trainer = Trainer(cfg)
-    trainer.harness.start_step()
+    run = setup(cfg)
+    run.harness.start_step()
     torch.manual_seed(seed)
-    batch = trainer._rollout([p.question for p in trainer.sampler.next_batch()])
+    batch = phases.rollout(run, [p.question for p in run.sampler.next_batch()])
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0])
-    models = [trainer.policy] + ([trainer.critic] if trainer.critic is not None else [])
-    return trainer, batch, rewards, models
+    models = [run.policy] + ([run.critic] if run.critic is not None else [])
+    return run, batch, rewards, models
 
 
-def experience_and_gradients(trainer, batch, rewards, models):
+def experience_and_gradients(run, batch, rewards, models):
     """(experience, minibatch loss, every trained parameter's gradient) of one whole batch."""
-    exp = trainer._make_experience(batch, rewards)
+    exp = phases.make_experience(run, batch, rewards)
     for m in models:
         m.zero_grad(set_to_none=True)
-    totals, _ = trainer.accumulate_gradients(exp, torch.arange(batch.num_sequences))
+    totals = update_module.accumulate_gradients(run, exp, torch.arange(batch.num_sequences)).tally
     return exp, totals["loss/total"], [g for m in models for g in _grads(m)]
 
 
@@ -491,19 +489,19 @@ def test_shared_prompt_forward_leaves_the_update_unchanged(
     """trainer.share_prompts runs each prompt once per micro-batch (its G rows share its keys
     and values): the same old/reference log-probs, values, loss and gradients as the full
     forward, with micro-batches that cut groups in half."""
-    trainer, batch, rewards, models = rollout_for_update(objective, tiny_model_dir, tmp_path, 5)
+    run, batch, rewards, models = rollout_for_update(objective, tiny_model_dir, tmp_path, 5)
     calls = []
-    shared_forward = trainer_module.shared_prompt_completion_forward
+    shared_forward = phases.shared_prompt_completion_forward
     monkeypatch.setattr(
-        trainer_module,
+        phases,
         "shared_prompt_completion_forward",
         lambda *a, **k: calls.append(1) or shared_forward(*a, **k),
     )
-    trainer.cfg.trainer.share_prompts = False
-    full = experience_and_gradients(trainer, batch, rewards, models)
+    run.cfg.trainer.share_prompts = False
+    full = experience_and_gradients(run, batch, rewards, models)
     assert not calls  # nothing shared while share_prompts was off
-    trainer.cfg.trainer.share_prompts = True
-    assert_same_update(experience_and_gradients(trainer, batch, rewards, models), full)
+    run.cfg.trainer.share_prompts = True
+    assert_same_update(experience_and_gradients(run, batch, rewards, models), full)
     assert calls  # the shared path did run
 
 
@@ -511,29 +509,29 @@ def test_shared_prompt_forward_leaves_the_update_unchanged(
 def test_padding_completions_leaves_the_update_unchanged(objective, tiny_model_dir, tmp_path):
     """Several processes pad their completions to the longest of any rank; the extra masked
     columns must change no log-prob, advantage, loss or gradient."""
-    trainer, batch, rewards, models = rollout_for_update(objective, tiny_model_dir, tmp_path, 7)
+    run, batch, rewards, models = rollout_for_update(objective, tiny_model_dir, tmp_path, 7)
     c = batch.completion_len
-    plain = experience_and_gradients(trainer, batch, rewards, models)
-    padded = batch.pad_completions(c + 3, trainer.tokenizer.pad_token_id)
+    plain = experience_and_gradients(run, batch, rewards, models)
+    padded = batch.pad_completions(c + 3, run.tokenizer.pad_token_id)
     assert padded.completion_len == c + 3
-    assert_same_update(experience_and_gradients(trainer, padded, rewards, models), plain, c)
+    assert_same_update(experience_and_gradients(run, padded, rewards, models), plain, c)
 
 
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
 def test_chunked_lm_head_leaves_the_update_unchanged(objective, tiny_model_dir, tmp_path):
     """trainer.max_logit_elements reaches every forward: at 1 the LM head runs chunk by chunk
     on the hidden states (the model returns no logits), with the same update as at null."""
-    trainer, batch, rewards, models = rollout_for_update(objective, tiny_model_dir, tmp_path, 9)
+    run, batch, rewards, models = rollout_for_update(objective, tiny_model_dir, tmp_path, 9)
     assert batch.completion_len > 2  # so the model's own path would call the head on C-1 > 1
-    trainer.cfg.trainer.max_logit_elements = None
-    whole = experience_and_gradients(trainer, batch, rewards, models)
-    head = trainer.generation_model.get_output_embeddings()
+    run.cfg.trainer.max_logit_elements = None
+    whole = experience_and_gradients(run, batch, rewards, models)
+    head = run.generation_model.get_output_embeddings()
     seen = []
     hook = head.register_forward_hook(lambda module, args, out: seen.append(out.shape[1]))
-    trainer.cfg.trainer.max_logit_elements = 1
-    experience_and_gradients(trainer, batch, rewards, models)  # the one-time head check
+    run.cfg.trainer.max_logit_elements = 1
+    experience_and_gradients(run, batch, rewards, models)  # the one-time head check
     seen.clear()
-    chunked = experience_and_gradients(trainer, batch, rewards, models)
+    chunked = experience_and_gradients(run, batch, rewards, models)
     hook.remove()
     assert seen and max(seen) == 1  # only single-position chunks (or no positions at all)
     assert_same_update(chunked, whole)
@@ -552,21 +550,21 @@ def test_rollout_time_values_leave_the_ppo_head_update_unchanged(tiny_model_dir,
         "trainer.micro_batch_size=2",
         "rollout.backend=shared_prefix",
     )
-    trainer = Trainer(cfg)
-    trainer.harness.start_step()
+    run = setup(cfg)
+    run.harness.start_step()
     torch.manual_seed(11)
-    batch = trainer._rollout([p.question for p in trainer.sampler.next_batch()])
+    batch = phases.rollout(run, [p.question for p in run.sampler.next_batch()])
     assert batch.values is not None
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0])
-    read = experience_and_gradients(trainer, batch, rewards, [trainer.policy])
-    assert "time/values_s" not in trainer.harness.end_step()
-    trainer.harness.start_step()
+    read = experience_and_gradients(run, batch, rewards, [run.policy])
+    assert "time/values_s" not in run.harness.end_step()
+    run.harness.start_step()
     extra_pass = experience_and_gradients(
-        trainer, dataclasses.replace(batch, values=None), rewards, [trainer.policy]
+        run, dataclasses.replace(batch, values=None), rewards, [run.policy]
     )
     assert_same_update(read, extra_pass)
     # A whole step: no values phase at all.
-    record = trainer.step()
+    record = step(run)
     assert "time/values_s" not in record and "value/explained_variance" in record
 
 
@@ -584,7 +582,7 @@ def test_ppo_head_falls_back_to_a_values_pass(overrides, tiny_model_dir, tmp_pat
         "trainer.num_minibatches=1",
         *overrides,
     )
-    record = Trainer(cfg).step()
+    record = step(setup(cfg))
     assert "time/values_s" in record and "value/explained_variance" in record
 
 
@@ -593,10 +591,10 @@ def test_max_time_s_stops_after_the_step_that_spends_the_budget(tiny_model_dir, 
     # any machine. The run must stop after the first step whose cumulative step time reaches
     # the 100 s budget: every earlier prefix is under it, and max_steps (50) is never reached.
     cfg = small_config(tiny_model_dir, tmp_path, "trainer.max_steps=50", "trainer.max_time_s=100")
-    trainer = Trainer(cfg)
+    run = setup(cfg)
     ticks = iter(range(10**6))
-    trainer.harness.clock = lambda: float(next(ticks))
-    history = trainer.train()
+    run.harness.clock = lambda: float(next(ticks))
+    history = train_loop(run)
     spent = [r["time/total_s"] for r in history]
     assert spent[-1] >= 100 and all(s < 100 for s in spent[:-1]), spent
     assert 1 < len(history) < 50
@@ -611,7 +609,7 @@ def test_dapo_recipe_logs_refill_and_mismatch_metrics(tmp_path):
         [f"output_dir={tmp_path}", "trainer.max_steps=2", "data.num_eval=8"],
     )
     cfg.trainer.progress_bar = False
-    Trainer(cfg).train()
+    train_loop(setup(cfg))
     rows = [r for r in MetricsWriter.read(tmp_path / "metrics.jsonl") if "reward/mean" in r]
     assert len(rows) == 2
     B = cfg.rollout.prompts_per_step
@@ -625,24 +623,26 @@ def test_dapo_recipe_logs_refill_and_mismatch_metrics(tmp_path):
         assert 0 <= r["rollout/logprob_kl"] < 1e-8
 
 
-def _policy_update(trainer, exp):
-    trainer.policy.zero_grad(set_to_none=True)
-    totals, _ = trainer.accumulate_gradients(exp, torch.arange(exp.batch.num_sequences))
-    return totals["loss/policy"], _grads(trainer.policy)
+def _policy_update(run, exp):
+    run.policy.zero_grad(set_to_none=True)
+    totals = update_module.accumulate_gradients(
+        run, exp, torch.arange(exp.batch.num_sequences)
+    ).tally
+    return totals["loss/policy"], _grads(run.policy)
 
 
 def _experience_with_sampling_logp(tiny_model_dir, tmp_path, *extra):
     """A trainer, and an experience whose sampling log-probs are exactly the training forward's
     (the engines agree), with rewards that give every group signal."""
-    trainer = Trainer(small_config(tiny_model_dir, tmp_path, "trainer.micro_batch_size=2", *extra))
-    trainer.harness.start_step()
+    run = setup(small_config(tiny_model_dir, tmp_path, "trainer.micro_batch_size=2", *extra))
+    run.harness.start_step()
     torch.manual_seed(11)
-    batch = trainer._rollout([p.question for p in trainer.sampler.next_batch()])
-    trainer.cfg.trainer.micro_batch_size = 8  # one forward, as the no-grad pass below
-    (train_logp,) = trainer._no_grad_forward(trainer.policy, batch, "logp")
+    batch = phases.rollout(run, [p.question for p in run.sampler.next_batch()])
+    run.cfg.trainer.micro_batch_size = 8  # one forward, as the no-grad pass below
+    (train_logp,) = phases.no_grad_forward(run, run.policy, batch, "logp")
     batch.sampling_logp = train_logp * batch.completion_mask
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0])
-    return trainer, trainer._make_experience(batch, rewards)
+    return run, phases.make_experience(run, batch, rewards)
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
@@ -650,11 +650,11 @@ def _experience_with_sampling_logp(tiny_model_dir, tmp_path, *extra):
 def test_rollout_correction_is_the_identity_when_the_engines_agree(
     mode, level, tiny_model_dir, tmp_path
 ):
-    trainer, exp = _experience_with_sampling_logp(tiny_model_dir, tmp_path)
-    loss_off, grads_off = _policy_update(trainer, exp)
-    L = trainer.cfg.loss
+    run, exp = _experience_with_sampling_logp(tiny_model_dir, tmp_path)
+    loss_off, grads_off = _policy_update(run, exp)
+    L = run.cfg.loss
     L.rollout_is, L.rollout_is_level, L.rollout_is_cap = mode, level, 1.0
-    loss_on, grads_on = _policy_update(trainer, exp)
+    loss_on, grads_on = _policy_update(run, exp)
     assert loss_off != 0
     torch.testing.assert_close(loss_on, loss_off)
     for a, b in zip(grads_on, grads_off, strict=True):
@@ -667,18 +667,18 @@ def test_injected_mismatch_metrics_and_correction_match_hand_values(tiny_model_d
     Mismatch: mean and max |delta log p| = 0.1; k3 KL = e^0.1 - 1 - 0.1 = 0.00517092. On one
     on-policy update the per-token loss is -A, so token-level TIS with cap 2 multiplies the
     loss by e^0.1 = 1.10517, with cap 1.05 by 1.05, and MIS with cap 1.05 drops every token."""
-    trainer, exp = _experience_with_sampling_logp(tiny_model_dir, tmp_path)
+    run, exp = _experience_with_sampling_logp(tiny_model_dir, tmp_path)
     exp.batch.sampling_logp = (exp.batch.sampling_logp - 0.1) * exp.batch.completion_mask
-    trainer.cfg.trainer.micro_batch_size = 2  # the reductions run over several micro-batches
-    loss_off, _ = _policy_update(trainer, exp)
-    L = trainer.cfg.loss
+    run.cfg.trainer.micro_batch_size = 2  # the reductions run over several micro-batches
+    loss_off, _ = _policy_update(run, exp)
+    L = run.cfg.loss
     for mode, cap, scale in (("truncate", 2.0, math.exp(0.1)), ("truncate", 1.05, 1.05),
                              ("mask", 1.05, 0.0)):  # fmt: skip
         L.rollout_is, L.rollout_is_cap = mode, cap
-        loss_on, _ = _policy_update(trainer, exp)
+        loss_on, _ = _policy_update(run, exp)
         torch.testing.assert_close(loss_on, loss_off * scale, msg=f"{mode} {cap}")
     L.rollout_is = None
-    metrics = trainer._update(exp)
+    metrics = update_module.update(run, exp, run.skips, step=1).metrics
     assert metrics["rollout/logprob_diff_mean"] == pytest.approx(0.1, rel=1e-5)
     assert metrics["rollout/logprob_diff_max"] == pytest.approx(0.1, rel=1e-5)
     assert metrics["rollout/logprob_kl"] == pytest.approx(math.exp(0.1) - 1.1, rel=1e-4)
@@ -688,42 +688,70 @@ def test_overlong_shaping_and_truncation_mask_reach_the_experience(tiny_model_di
     """max_new_tokens=3, overlong_buffer=2: a completion of 1 token gets 0, of 2 tokens
     (1 - 2) / 2 = -0.5, of 3 tokens -1. With loss.mask_truncated the truncated rows leave the
     loss mask, and every advantage stays what it is without the mask."""
-    trainer = Trainer(
+    run = setup(
         small_config(
             tiny_model_dir, tmp_path, "rollout.max_new_tokens=3", "reward.overlong_buffer=2"
         )
     )
-    trainer.harness.start_step()
+    run.harness.start_step()
     torch.manual_seed(2)
-    batch = trainer._rollout([p.question for p in trainer.sampler.next_batch()])
+    batch = phases.rollout(run, [p.question for p in run.sampler.next_batch()])
     assert batch.truncated.any() and not batch.truncated.all()
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0])
-    plain = trainer._make_experience(batch, rewards)
+    plain = phases.make_experience(run, batch, rewards)
     penalty = {1: 0.0, 2: -0.5, 3: -1.0}
     expected = rewards + torch.tensor([penalty[int(n)] for n in batch.completion_lengths])
     torch.testing.assert_close(plain.rewards, expected)
-    trainer.cfg.loss.mask_truncated = True
-    masked = trainer._make_experience(batch, rewards)
+    run.cfg.loss.mask_truncated = True
+    masked = phases.make_experience(run, batch, rewards)
     lengths = masked.batch.completion_mask.sum(1)
     assert (lengths[batch.truncated] == 0).all()
     assert torch.equal(lengths[~batch.truncated], batch.completion_lengths[~batch.truncated])
     torch.testing.assert_close(masked.advantages, plain.advantages)
-    totals, _ = trainer.accumulate_gradients(masked, torch.arange(batch.num_sequences))
+    totals = update_module.accumulate_gradients(
+        run, masked, torch.arange(batch.num_sequences)
+    ).tally
     assert torch.isfinite(totals["loss/total"]) and totals["loss/total"] != 0
     # Every completion truncated: nothing left to train on, a zero loss rather than NaN.
     nothing = torch.zeros_like(batch.completion_mask)
     empty = dataclasses.replace(masked, batch=dataclasses.replace(batch, completion_mask=nothing))
-    totals, _ = trainer.accumulate_gradients(empty, torch.arange(batch.num_sequences))
-    assert all(torch.isfinite(v) for v in totals.values()) and totals["loss/total"] == 0
+    totals = update_module.accumulate_gradients(run, empty, torch.arange(batch.num_sequences)).tally
+    assert all(torch.isfinite(v) for v in totals.values.values()) and totals["loss/total"] == 0
 
 
 def test_entropy_bonus_is_subtracted_from_the_loss(tiny_model_dir, tmp_path):
     """token-mean loss: total = policy - coef * entropy, entropy the token mean over every row
     (the bonus turns off zero-advantage skipping)."""
-    trainer, exp = _experience_with_sampling_logp(
-        tiny_model_dir, tmp_path, "loss.entropy_coef=0.01"
-    )
-    trainer.cfg.trainer.micro_batch_size = 2
-    totals, _ = trainer.accumulate_gradients(exp, torch.arange(exp.batch.num_sequences))
+    run, exp = _experience_with_sampling_logp(tiny_model_dir, tmp_path, "loss.entropy_coef=0.01")
+    run.cfg.trainer.micro_batch_size = 2
+    totals = update_module.accumulate_gradients(
+        run, exp, torch.arange(exp.batch.num_sequences)
+    ).tally
     expected = totals["loss/policy"] - 0.01 * totals["policy/entropy"]
     torch.testing.assert_close(totals["loss/total"], expected)
+
+
+def test_setup_takes_the_sampler_and_reward_the_run_uses_and_saves(tiny_model_dir, tmp_path):
+    """A sampler and a reward passed to setup are the ones each step draws from and scores
+    with, and the sampler's position is what a checkpoint saves and a resume restores."""
+    from grpo_lab.data import PromptSampler, make_arith
+    from grpo_lab.rewards import ScoreResult
+
+    def always_right(completions, golds):
+        return [ScoreResult(1.0, "correct", g) for g in golds]
+
+    def sampler():
+        return PromptSampler(make_arith(8, seed=3), batch_size=2, seed=11)
+
+    extra = ("trainer.max_steps=2", "checkpoint.every=1", "data.num_eval=0")
+    cfg = small_config(tiny_model_dir, tmp_path, *extra)
+    mine = sampler()
+    run = setup(cfg, reward_fn=always_right, sampler=mine)
+    assert run.sampler is mine and run.reward_fn is always_right
+    history = train_loop(run)
+    assert [r["reward/mean"] for r in history] == [1.0, 1.0]
+    assert mine.position == 4  # two steps of two prompts
+    again = sampler()
+    cfg = small_config(tiny_model_dir, tmp_path, *extra, "resume=auto", "trainer.max_steps=3")
+    resumed = setup(cfg, reward_fn=always_right, sampler=again)
+    assert resumed.step == 2 and again.position == 4

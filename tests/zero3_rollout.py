@@ -30,7 +30,7 @@ from grpo_lab import distributed
 from grpo_lab.config import load_config
 from grpo_lab.models import load_causal_lm
 from grpo_lab.rollout import generate
-from grpo_lab.trainer import Trainer
+from grpo_lab.trainer import setup, step
 from grpo_lab.zero3 import gather_params_for_generation
 
 KINDS = {"lm": ["algorithm=grpo"], "value_head": ["algorithm=ppo", "ppo.value=head"]}
@@ -107,17 +107,17 @@ def run_kind(kind: str, args) -> dict:
             *KINDS[kind],
         ],
     )
-    trainer = Trainer(cfg)
-    tok, rank = trainer.tokenizer, trainer.rank
+    run = setup(cfg)
+    tok, rank = run.tokenizer, run.rank
     plain = load_causal_lm(args.model_dir)  # unpartitioned: what the engine must sample from
     steps = STEPS_BY_RANK[rank]
     with counting_collectives() as calls:
-        with gather_params_for_generation(trainer.policy):
+        with gather_params_for_generation(run.policy):
             pass
     record: dict = {"gather_only": calls, "engines": {}}
     for engine in ENGINES:
         with counting_collectives() as calls:
-            got = sample(trainer.policy, tok, engine, steps)
+            got = sample(run.policy, tok, engine, steps)
         want = sample(plain, tok, engine, steps)
         record["engines"][engine] = {
             "collectives": calls,
@@ -126,17 +126,17 @@ def run_kind(kind: str, args) -> dict:
             "max_logp_diff": float((got.sampling_logp - want.sampling_logp).abs().max()),
         }
 
-    bare = trainer.acc.unwrap_model(trainer.policy)
+    bare = run.acc.unwrap_model(run.policy)
     try:
         sample(bare, tok, "shared_prefix", steps)
         record["bare_module"] = "accepted"
     except ValueError as err:
         record["bare_module"] = str(err)
 
-    step = trainer.step()  # a real rollout and update with the engine's hooks restored
-    record["step_loss"] = step["loss/total"]
-    with gather_params_for_generation(trainer.policy):
-        record["digests"] = distributed.replica_digests(trainer.acc, bare)
+    # A real rollout and update with the engine's hooks restored.
+    record["step_loss"] = step(run)["loss/total"]
+    with gather_params_for_generation(run.policy):
+        record["digests"] = distributed.replica_digests(run.acc, bare)
     return record
 
 

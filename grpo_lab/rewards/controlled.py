@@ -18,7 +18,7 @@ rewards whatever order the prompts come in, and every process computes them alik
 Usage::
 
     reward = ControlledReward(group_size=8, zero_std_fraction=0.0, seed=0)
-    Trainer(cfg, reward_fn=reward)                      # grpo_lab: score_batch's signature
+    setup(cfg, reward_fn=reward)                        # grpo_lab: score_batch's signature
     GRPOTrainer(..., reward_funcs=[reward.for_trl()])   # TRL: the key in column "answer"
 
 Position within a group: calls hold whole groups, prompt-major (grpo_lab's rollout layout, and
