@@ -130,7 +130,6 @@ import math
 import os
 import platform
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -149,6 +148,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from grpo_lab.data import Problem, make_arith  # noqa: E402
+from grpo_lab.harness import peak_rss_gib, process_rss_gib  # noqa: E402
 from grpo_lab.objectives import MATCHED_UPDATES, OBJECTIVES  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -649,34 +649,18 @@ def trl_config_kwargs(
 # ---------------------------------------------------------------------------------------------
 
 
-def _rss_gib() -> float:
-    """Current resident set of this process in GiB (Linux /proc; NaN elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-    except OSError:
-        return math.nan
-    return pages * os.sysconf("SC_PAGE_SIZE") / GIB
-
-
-def _ru_maxrss_gib() -> float:
-    # NOTE: ru_maxrss is KiB on Linux, bytes on macOS.
-    unit = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / GIB
-
-
 class RssSampler:
     """Peak resident set while running, sampled by a background thread every ``interval_s``."""
 
     def __init__(self, interval_s: float = 0.005) -> None:
         self.interval_s = interval_s
-        self.peak_gib = _rss_gib()
+        self.peak_gib = process_rss_gib()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak_gib = max(self.peak_gib, _rss_gib())
+            self.peak_gib = max(self.peak_gib, process_rss_gib())
             self._stop.wait(self.interval_s)
 
     def __enter__(self) -> RssSampler:
@@ -686,7 +670,7 @@ class RssSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak_gib = max(self.peak_gib, _rss_gib())
+        self.peak_gib = max(self.peak_gib, process_rss_gib())
 
 
 def free_memory(device: torch.device) -> None:
@@ -892,7 +876,7 @@ def run_grpo_lab(
     cfg = load_config(RECIPES / recipe, [*overrides, *extra_overrides])
     torch.set_num_threads(threads)
     free_memory(device)
-    rss_before = _rss_gib()
+    rss_before = process_rss_gib()
     step_s, cpu_s, records = [], [], []
     with RssSampler() as rss:
         run = setup(cfg, reward_fn=reward.for_grpo_lab(preset.group_size))
@@ -937,7 +921,7 @@ def run_grpo_lab(
         extra["harness_peak_reserved_gib"] = max(r.get("mem/peak_reserved_gib", 0) for r in records)
     else:
         extra["harness_rss_peak_gib"] = max(r.get("mem/rss_peak_gib", math.nan) for r in records)
-        extra["ru_maxrss_gib_after"] = _ru_maxrss_gib()
+        extra["ru_maxrss_gib_after"] = peak_rss_gib()
     del run
     free_memory(device)
     reset_accelerate_state()
@@ -1049,7 +1033,7 @@ def run_trl(
     reward_s: list[float] = []
     timer = _StepTimer(device, generate_s, reward_s)
     free_memory(device)
-    rss_before = _rss_gib()
+    rss_before = process_rss_gib()
     with RssSampler() as rss:
         trainer = trl.GRPOTrainer(
             model=workload.model_path,
@@ -1087,7 +1071,7 @@ def run_trl(
         "config": {k: v for k, v in kwargs.items() if k != "output_dir"},
     }
     if device.type != "cuda":
-        extra["ru_maxrss_gib_after"] = _ru_maxrss_gib()
+        extra["ru_maxrss_gib_after"] = peak_rss_gib()
     extra["zero_std_groups"] = timer.zero_std[timed]
     extra["static_gib"] = _static_gib(
         footprint_metrics(

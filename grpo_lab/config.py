@@ -156,8 +156,8 @@ class RewardConfig(Section):
 
     timeout_s: Float = Field(2.0, gt=0)
     """Seconds allowed to score one completion; a completion that runs over gets reward 0."""
-    num_workers: Int = Field(1, ge=1)
-    """Worker processes that score completions."""
+    num_workers: Int | None = Field(None, ge=1)
+    """Symbolic-check worker processes; null = the pool's default, max(1, min(4, cpus // 2))."""
     overlong_buffer: Int = Field(0, ge=0)
     """DAPO soft overlong punishment (Yu et al. 2025, arXiv:2503.14476, eq. 13): the last this
     many tokens before rollout.max_new_tokens, over which a penalty grows linearly from 0 to

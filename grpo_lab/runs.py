@@ -36,7 +36,7 @@ def run_files(output_dir: str | Path) -> list[str]:
         if path.is_dir() and not any(path.iterdir()):
             continue
         if path.is_file() and path.stat().st_size == 0:
-            continue  # opened but nothing recorded (e.g. a Trainer built, never stepped)
+            continue  # opened but nothing recorded (e.g. a run set up, never stepped)
         if path.exists():
             found.append(name + ("/" if path.is_dir() else ""))
     return found

@@ -59,7 +59,7 @@ from grpo_lab.data import PromptSampler, fit_prompts, load_run_problems, model_c
 from grpo_lab.guards import check_entropy, check_finite, divergence_advice
 from grpo_lab.harness import Harness, MetricsWriter, format_step_line
 from grpo_lab.models import PolicyWithValueHead
-from grpo_lab.rewards import ScoreResult, score_batch
+from grpo_lab.rewards import ScoreResult, VerifierPool, score_batch, set_default_pool
 from grpo_lab.rollout import (
     RolloutBackend,
     build_backend,
@@ -225,6 +225,9 @@ def setup(
         kwargs = init_kwargs(cfg.harness.report_to, cfg.output_dir)
         acc.init_trackers("grpo_lab", config=None, init_kwargs=kwargs)
     skips = Skips(state.get("skipped_total", 0), state.get("skipped_in_a_row", 0))
+    if cfg.reward.num_workers is not None:
+        # The process-wide pool, so the training reward and the held-out evaluation share it.
+        set_default_pool(VerifierPool(cfg.reward.num_workers))
     return Run(
         cfg, acc, tokenizer, **models, generation_model=generation_model, engine=engine,
         reward_fn=reward_fn or functools.partial(score_batch, timeout_s=cfg.reward.timeout_s),

@@ -138,6 +138,22 @@ def test_single_update_skips_old_logprob_forward(tiny_model_dir, tmp_path):
     assert "time/ref_s" not in history[0]  # kl_coef 0: no reference model at all
 
 
+def test_reward_num_workers_sizes_the_pool_that_training_and_evaluation_use(
+    tiny_model_dir, tmp_path
+):
+    from grpo_lab.rewards import get_default_pool, set_default_pool
+
+    try:
+        setup(small_config(tiny_model_dir, tmp_path / "two", "reward.num_workers=2"))
+        pool = get_default_pool()
+        assert pool.num_workers == 2
+        # null leaves the process-wide pool alone (its own default size).
+        setup(small_config(tiny_model_dir, tmp_path / "default"))
+        assert get_default_pool() is pool
+    finally:
+        set_default_pool(None)
+
+
 # ------------------------------------------------------------------ kill and resume
 
 VOLATILE = ("time/", "perf/", "mem/")
