@@ -36,20 +36,33 @@ def environment() -> dict[str, str]:
         "processor": platform.processor(),
         "cpu": _cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_vector_flags": _cpu_vector_flags(),
         "torch": torch.__version__,
     }
 
 
-def _cpu_model() -> str:
-    """The CPU's model name from ``/proc/cpuinfo`` ('' where there is none): two x86_64 machines
-    with different CPUs give different float results from the same kernels."""
+def _cpu_info(key: str) -> str:
+    """The first ``key`` line of ``/proc/cpuinfo`` ('' where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(key):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
+
+
+def _cpu_vector_flags() -> str:
+    """The CPU's vector-instruction flags: the oneDNN / MKL kernels (and so the float results)
+    follow them, and a CPU's model name alone ("AMD EPYC") may not tell them apart."""
+    flags = _cpu_info("flags").split()
+    return " ".join(sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c"))))
+
+
+def _cpu_model() -> str:
+    """The CPU's model name: two x86_64 machines with different CPUs give different float
+    results from the same kernels."""
+    return _cpu_info("model name")
 
 
 def run_recipe(recipe: str, out: Path) -> list[dict]:
