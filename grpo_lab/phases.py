@@ -293,7 +293,7 @@ def reward_metrics(run: Run, sampled: Sampled) -> dict[str, float]:
         "rows": torch.tensor(float(len(rewards)), device=rewards.device),
         "solved_groups": (groups > 0.5).any(dim=1).float().sum(),
         # Groups whose rewards are all equal carry no GRPO signal (advantage 0 everywhere).
-        "zero_std_groups": (groups.max(dim=1).values == groups.min(dim=1).values).float().sum(),
+        "zero_std_groups": (~algos.groups_with_signal(rewards, G)).float().sum(),
         "errors": torch.tensor(float(errors), device=rewards.device),
     }
     s = dict(zip(local, distributed.global_sum(run.acc, torch.stack(list(local.values())))))
