@@ -165,9 +165,12 @@ def _fit_eval_prompts(problems, tokenizer, model, data, template: str, max_new: 
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from grpo_lab.demo import run_demo
+    from grpo_lab.demo import BUDGET_S, run_demo
 
-    run_demo(budget_s=args.budget_s, steps=args.steps, seed=args.seed, output_dir=args.output_dir)
+    budget_s = args.budget_s
+    if budget_s is None and args.steps is None:
+        budget_s = BUDGET_S
+    run_demo(budget_s=budget_s, steps=args.steps, seed=args.seed, output_dir=args.output_dir)
     return 0
 
 
@@ -302,7 +305,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default=None, help="e.g. cuda:0 (default: cpu)")
     p.add_argument(
-        "--seed", type=int, default=None, help="arith problems' seed (default: the run's, else 0)"
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the arith problems and of the k > 1 samples, so a rerun scores the same "
+        "draws (default: the run's, else 0)",
     )
     p.set_defaults(func=_cmd_eval)
 
@@ -336,20 +343,24 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         help="GRPO vs PPO (head, critic; standard and matched updates) on the tiny model (CPU)",
         description="Builds the embedded tiny model if missing, trains it with each objective "
         "(GRPO; PPO with a value head or a critic, at the recipes' updates and at GRPO's) for "
-        "the same wall-clock budget on CPU, and prints start-vs-end held-out accuracy, step time "
-        "and static memory with their ratios to GRPO's. About 5 minutes.",
+        "the same wall-clock budget on CPU (or the same number of steps, --steps), and prints "
+        "start-vs-end held-out accuracy, step time and static memory with their ratios to "
+        "GRPO's. About 5 minutes.",
     )
     p.add_argument(
         "--budget-s",
         type=float,
-        default=45.0,
-        help="seconds of training-step time per objective (default 45)",
+        default=None,
+        help="seconds of training-step time per objective (default 45; none when only --steps "
+        "is given)",
     )
     p.add_argument(
         "--steps",
         type=int,
         default=None,
-        help="also stop each objective after this many optimizer steps (default: no cap)",
+        help="steps per objective: alone, every objective makes this many steps (the same "
+        "samples, whatever each step costs); with --budget-s, a cap on the time budget "
+        "(default: no cap)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", default="runs/demo")

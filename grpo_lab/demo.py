@@ -4,9 +4,11 @@ Builds (or reuses) the embedded tiny arithmetic model and trains a copy of it wi
 of :mod:`grpo_lab.objectives` (GRPO; PPO with a value head and with a critic, at the recipes'
 2 epochs x 2 minibatches and at GRPO's one update per batch) from ``recipes/tiny_arith_*.yaml``.
 Every objective gets the same wall-clock budget of training-step time (``trainer.max_time_s``,
-45 s by default), so the table compares what each learns for the same compute: held-out greedy
-and sampled accuracy before and after, steps made, median step time and static memory
-(parameters + gradients + optimizer state of every model), each also as a ratio to GRPO's.
+45 s by default), so the table compares what each learns for the same compute; with ``steps``
+alone, every objective makes the same number of steps (the same samples) instead. The table
+shows held-out greedy and sampled accuracy before and after (sampled under the run's seed at
+both ends), steps made, median step time and static memory (parameters + gradients + optimizer
+state of every model), each also as a ratio to GRPO's.
 CPU only, about 5 minutes in all.
 
 Memory is the static footprint, not the process peak: the objectives run one after another in
@@ -41,7 +43,9 @@ def recipes_dir() -> Path:
 
 def _accuracy(model_path: str, cfg) -> dict[str, float]:
     """Held-out accuracy of the model at ``model_path`` on the run's evaluation (its
-    :func:`~grpo_lab.evaluation.eval_plan`), greedy and over 8 samples at the run's temperature."""
+    :func:`~grpo_lab.evaluation.eval_plan`), greedy and over 8 samples at the run's temperature.
+    The samples are drawn under the run's seed, so start and end are scored with the same
+    random numbers."""
     plan = eval_plan(cfg)
     return evaluate(
         load_causal_lm(model_path),
@@ -110,17 +114,22 @@ def run_demo(
     for r in rows:
         r["time_ratio"] = r["median_step_s"] / base["median_step_s"] if base else None
         r["memory_ratio"] = r["static_gib"] / base["static_gib"] if base else None
-    print(format_table(rows, budget_s))
+    print(format_table(rows, budget_s, steps))
     return rows
 
 
-def format_table(rows: list[dict], budget_s: float | None = None) -> str:
+def format_table(rows: list[dict], budget_s: float | None = None, steps: int | None = None) -> str:
     head = (
         f"{'objective':<34} {'steps':>5}  {'greedy acc: start -> end':>24}  "
         f"{'sampled acc: start -> end':>25}  {'step s':>7} {'x GRPO':>6}  "
         f"{'static MiB':>10} {'x GRPO':>6}"
     )
-    budget = f", {budget_s:g} s of training each" if budget_s is not None else ""
+    if budget_s is not None:
+        budget = f", {budget_s:g} s of training each" + (
+            f" (at most {steps} steps)" if steps is not None else ""
+        )
+    else:
+        budget = f", {steps} steps each" if steps is not None else ""
     lines = [
         "",
         f"Held-out accuracy on the embedded tiny arithmetic task{budget}",

@@ -37,7 +37,7 @@ class EvalPlan:
     split: str = "test"
     path: str | None = None  # local file; None = generated (arith) or the hub
     limit: int | None = None  # the first `limit` problems; None = all
-    seed: int = 0
+    seed: int = 0  # which problems (arith) and the sampled rows' RNG seed
     arith: dict[str, Any] = field(default_factory=dict)  # make_arith settings (arith only)
     template: str = "plain"
     use_chat_template: bool = False
@@ -71,6 +71,7 @@ class EvalPlan:
             "system_prompt": self.system_prompt,
             "batch_size": self.batch_size,
             "timeout_s": self.timeout_s,
+            "seed": self.seed,
         }
 
 
@@ -164,12 +165,17 @@ def evaluate(
     batch_size: int = 256,
     timeout_s: float = 2.0,
     backend: str | RolloutBackend | None = None,
+    seed: int | None = None,
 ) -> dict[str, float]:
     """Accuracy of `model` on `problems`.
 
     `backend` is a rollout engine or its name in :data:`grpo_lab.rollout.ROLLOUT_BACKENDS`; None
     is the config's default engine (``rollout.backend``). Settings for a run come from
     :func:`eval_plan`: ``evaluate(..., backend=plan.engine(), **plan.settings())``.
+    `seed` makes the sampled rows reproducible: they are drawn under a seed taken from
+    ``torch.Generator().manual_seed(seed)`` in a forked RNG state (the caller's random stream is
+    left as it was), so two models scored with one seed see the same random numbers; None draws
+    from torch's global RNG. Greedy rows use no randomness.
     Returns ``eval/greedy_acc`` always, and with ``k > 1`` also ``eval/pass@1`` (mean accuracy of
     k samples at `temperature`), ``eval/maj@k`` and ``eval/pass@k``.
     """
@@ -187,7 +193,7 @@ def evaluate(
     if backend is None:
         backend = RolloutConfig().backend
 
-    def run(group_size: int, temp: float):
+    def run(group_size: int, temp: float, generator: torch.Generator | None = None):
         batch = generate(
             model,
             tokenizer,
@@ -197,6 +203,7 @@ def evaluate(
             temperature=temp,
             top_p=top_p,
             batch_size=batch_size,
+            generator=generator,
             backend=backend,
         )
         texts = decode_completions(tokenizer, batch)
@@ -210,7 +217,8 @@ def evaluate(
         "eval/n": float(len(problems)),
     }
     if k > 1:
-        sampled = run(k, temperature)
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        sampled = run(k, temperature, generator)
         groups = [sampled[i * k : (i + 1) * k] for i in range(len(problems))]
         out["eval/pass@1"] = sum(r.score for r in sampled) / len(sampled)
         out[f"eval/maj@{k}"] = sum(

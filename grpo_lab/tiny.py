@@ -178,24 +178,22 @@ def heldout_accuracy(model, tokenizer, *, seed: int = 0) -> dict[str, float]:
     """Greedy and sampled (temperature 1, mean of `SAMPLED_K` samples) accuracy on the first
     `EVAL_PROBLEMS` arithmetic test problems, scored by :func:`grpo_lab.evaluation.evaluate`.
 
-    The problems are the same for every model seed, so builds are comparable. Sampling draws from
-    the global torch generator, seeded with `seed` inside a fork of its state, so the caller's
-    random stream is left as it was.
+    The problems are the same for every model seed, so builds are comparable. The sampled rows
+    are drawn under `seed` (:func:`~grpo_lab.evaluation.evaluate`'s ``seed``), leaving the
+    caller's random stream as it was.
     """
     from grpo_lab.evaluation import eval_plan, evaluate
 
     plan = eval_plan(None, dataset="arith", limit=EVAL_PROBLEMS, max_new_tokens=MAX_NEW_TOKENS)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        res = evaluate(
-            model,
-            tokenizer,
-            plan.problems(),
-            k=SAMPLED_K,
-            temperature=1.0,
-            backend=plan.engine(),
-            **plan.settings(),
-        )
+    res = evaluate(
+        model,
+        tokenizer,
+        plan.problems(),
+        k=SAMPLED_K,
+        temperature=1.0,
+        backend=plan.engine(),
+        **(plan.settings() | {"seed": seed}),
+    )
     return {
         "eval_problems": int(res["eval/n"]),
         "test_greedy_accuracy": res["eval/greedy_acc"],
