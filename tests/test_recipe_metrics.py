@@ -3,9 +3,12 @@
 Every optional knob defaults to off, so a change that is meant to leave existing runs alone must
 reproduce the recorded rewards, losses, gradient norms, entropies and clip fractions bit for bit.
 Timings, throughput and memory are not compared. The recorded numbers depend on the torch build
-and the CPU (its model and the kernels torch picks for it), so the test runs only where they
-were recorded (``environment`` in the file); regenerate the file with ``python tests/test_recipe_metrics.py`` only for a change
-that is meant to alter these runs, and say why in the commit.
+and the CPU (its model and the kernels torch picks for it), so the whole run is compared bit for
+bit only where it was recorded (``environment`` in the file). Elsewhere the runs drift apart step
+by step as rounding differs, so only the first rows are compared (the starting evaluation and
+step 1, made from the same weights and seed), to float32 rounding: a change to the maths shows
+there on any machine. Regenerate the file with ``python tests/test_recipe_metrics.py`` only for a
+change that is meant to alter these runs, and say why in the commit.
 """
 
 from __future__ import annotations
@@ -81,18 +84,53 @@ def _golden() -> dict:
     return json.loads(GOLDEN.read_text())
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
-def test_recipe_metrics_match_the_recorded_run(recipe, tmp_path):
-    golden = _golden()
-    if golden["environment"] != environment():
-        pytest.skip(f"recorded on {golden['environment']}, this is {environment()}")
-    expected = golden["runs"][recipe]
-    got = run_recipe(recipe, tmp_path)
-    assert len(got) == len(expected)
+# Elsewhere than the recording: the rows compared, and how closely. Step 1's losses and norms
+# agree to float32 rounding amplified through a few layers (~1e-6 relative); quantities that are
+# themselves rounding noise (the rollout/recompute log-prob gaps, step 1's KL ~1e-8) within 1e-4.
+# Checked with another reduction order on the recording CPU (trainer.cpu_threads=2): step 1 was
+# bit-identical, and every later row differed only in those gaps (~1e-7), all within tolerance.
+FIRST_ROWS = 2
+REL, ABS = 1e-3, 1e-4
+
+
+def compare(got: list[dict], expected: list[dict], *, exact: bool) -> None:
+    """Assert that ``got`` reproduces the recorded rows: all of them bit for bit (``exact``), or
+    the first :data:`FIRST_ROWS` to float32 rounding."""
+    if exact:
+        assert len(got) == len(expected)
+    else:
+        got, expected = got[:FIRST_ROWS], expected[:FIRST_ROWS]
     for row, ref in zip(got, expected, strict=True):
         # Keys added since the recording (new diagnostics) are allowed; recorded ones must match.
         assert ref.keys() <= row.keys(), ref.keys() - row.keys()
-        assert {k: row[k] for k in ref} == ref, row.get("step")
+        mine = {k: row[k] for k in ref}
+        assert mine == (ref if exact else pytest.approx(ref, rel=REL, abs=ABS)), row.get("step")
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_metrics_match_the_recorded_run(recipe, tmp_path):
+    golden = _golden()
+    got = run_recipe(recipe, tmp_path)
+    compare(got, golden["runs"][recipe], exact=golden["environment"] == environment())
+
+
+def test_compare_is_exact_where_recorded_and_within_rounding_elsewhere():
+    ref = [{"step": 0, "eval/greedy_acc": 0.40625}, {"step": 1, "loss/policy": 0.25, "kl": 1e-8}]
+    later = [{"step": 2, "loss/policy": 0.5}]
+    # Rounding: 1e-6 relative on the loss, 3e-8 absolute on a ~1e-8 quantity.
+    rounded = [ref[0], {"step": 1, "loss/policy": 0.25 * (1 + 1e-6), "kl": 4e-8}]
+    compare(ref + later, ref + later, exact=True)
+    with pytest.raises(AssertionError):
+        compare(rounded + later, ref + later, exact=True)
+    compare(rounded + [{"step": 2, "loss/policy": 0.7}], ref + later, exact=False)
+    # A change to the maths: step 1's loss 1 % off, or a recorded key gone.
+    with pytest.raises(AssertionError):
+        compare([ref[0], {"step": 1, "loss/policy": 0.2525, "kl": 1e-8}], ref, exact=False)
+    with pytest.raises(AssertionError):
+        compare([ref[0], {"step": 1, "loss/policy": 0.25}], ref, exact=False)
+    # Where recorded, a run of another length is a change too.
+    with pytest.raises(AssertionError):
+        compare(ref, ref + later, exact=True)
 
 
 if __name__ == "__main__":

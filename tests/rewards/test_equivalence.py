@@ -135,14 +135,14 @@ def test_prescreen(answer, refused):
 
 def test_prescreened_answers_never_reach_a_worker():
     unstarted = VerifierPool(num_workers=1)
-    start = time.perf_counter()
+    start = time.process_time()  # no worker: all in this process, so its CPU time
     results = score_batch(
         ["\\boxed{9^{9^{9^{9}}}}", "\\boxed{1000000!}", "#### " + "9" * 5000],
         ["1", "1", "1"],
         pool=unstarted,
     )
     assert [r.status for r in results] == ["parse_error"] * 3
-    assert time.perf_counter() - start < 0.5
+    assert time.process_time() - start < 0.5
     assert unstarted.worker_pids() == []
     unstarted.close()
 

@@ -133,8 +133,10 @@ def test_gold_answer(gold, answer):
 def test_one_megabyte_completion_is_fast():
     import time
 
+    # CPU time of this process, not wall time: the bound is on the extractor's work (linear in
+    # the text, not quadratic), and another process on the machine must not fail it.
     text = "7 " * 500_000
-    start = time.perf_counter()
+    start = time.process_time()
     assert extract_final(text).answer is None
     assert extract_final("\\boxed{" * 200_000).answer is None
     assert extract_final("<think>" * 100_000).answer is None
@@ -142,7 +144,7 @@ def test_one_megabyte_completion_is_fast():
     assert extract_final("final" + " " * 500_000 + "answer" + " " * 500_000).answer is None
     repeated = extract_final("#### 1\n" * 150_000)
     assert (repeated.answer, repeated.hedged) == ("1", False)
-    assert time.perf_counter() - start < 2.0
+    assert time.process_time() - start < 2.0
 
 
 @pytest.mark.parametrize(
@@ -272,7 +274,7 @@ def test_resolve_parts(text, gold, answer):
 def test_many_markers_stay_fast():
     import time
 
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time, as in test_one_megabyte_completion_is_fast
     found = extract_final("the answer is 3 " * 60_000)
     assert (found.answer, found.hedged) == ("3", False)
     assert extract_final("The answer is " + "1 or " * 200_000).answer is not None
@@ -281,4 +283,4 @@ def test_many_markers_stay_fast():
     assert extract_final("\\(" * 300_000 + "\\)").answer is None
     assert extract_final("x\n" + "$a$ and " * 100_000 + "$b$").answer is None
     assert extract_final("5 is the answer " * 60_000).answer == "5"
-    assert time.perf_counter() - start < 3.0
+    assert time.process_time() - start < 3.0
