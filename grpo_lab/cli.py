@@ -418,22 +418,18 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from grpo_lab.errors import exit_code_for
-    from grpo_lab.sweep import SweepError
 
     _setup_logging()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except SweepError as e:
-        print(f"grpo-lab: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         if args.debug:
             raise
         print("grpo-lab: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        # User errors (config, data, model, run folder, checkpoint, full disk): one line.
+        # User errors (config, data, model, run folder, sweep, checkpoint, full disk): one line.
         code = exit_code_for(e, debug=args.debug)
         if code is None:
             raise

@@ -18,6 +18,30 @@ def test_help_lists_every_command(capsys):
         assert command in out
 
 
+def test_help_loads_no_torch():
+    """`grpo-lab --help` is argparse alone: it imports no torch, scipy or matplotlib."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from grpo_lab.cli import main\n"
+        "try:\n"
+        "    main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted(m for m in ('torch', 'scipy', 'matplotlib') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.splitlines()[-1] == "[]", proc.stderr
+
+
+def test_a_sweep_error_is_one_line_with_its_kind(tmp_path, capsys):
+    assert main(["sweep", str(tmp_path / "none.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"grpo-lab: sweep error: {tmp_path / 'none.yaml'}: sweep file not found\n"
+
+
 def test_config_error_names_the_key_and_exits_2(capsys):
     assert main(["config", "recipes/tiny_arith_grpo.yaml", "trainer.lrr=1"]) == 2
     err = capsys.readouterr().err

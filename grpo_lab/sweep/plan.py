@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from grpo_lab.errors import UserError
+
 SWEEP_KEYS = (
     "name",
     "output_dir",
@@ -48,8 +50,11 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _UNSAFE_RE = re.compile(r"[^A-Za-z0-9_.=+-]")
 
 
-class SweepError(ValueError):
-    """A sweep file, its overrides or a sweep folder is wrong; the message names the file and key."""
+class SweepError(UserError, ValueError):
+    """A sweep file, its overrides or a sweep folder is wrong; the message names the file and key.
+    The command line prints it as ``grpo-lab: sweep error: <message>``, exit code 2."""
+
+    kind = "sweep error"
 
 
 # ---------------------------------------------------------------------------------- sweep file
