@@ -66,6 +66,35 @@ def test_the_command_line_budget(monkeypatch, argv, budget_s, steps):
     assert (calls[0]["budget_s"], calls[0]["steps"]) == (budget_s, steps)
 
 
+@pytest.mark.parametrize("budget_s, steps, max_time_s, max_steps", [
+    (3.0, None, 3.0, 1_000_000),  # the same time: no step cap
+    (None, 7, None, 7),  # the same steps: no time budget
+    (3.0, 7, 3.0, 7),
+])  # fmt: skip
+def test_run_demo_hands_its_budget_to_every_run(
+    monkeypatch, tmp_path, budget_s, steps, max_time_s, max_steps
+):
+    """Each objective's config carries the budget (trainer.max_time_s / max_steps); training and
+    scoring are stubbed, so this checks the wiring, not learning."""
+    import grpo_lab.demo as demo
+
+    configs = []
+
+    def fake_train(cfg):
+        configs.append(cfg)
+        return [{"time/total_s": 1.0, "time/step_s": 0.5, "mem/static/total_gib": 1.0}] * 2
+
+    monkeypatch.setattr("grpo_lab.trainer.train", fake_train)
+    monkeypatch.setattr("grpo_lab.hub.resolve_model_path", lambda name: name)
+    monkeypatch.setattr(
+        demo, "_accuracy", lambda path, cfg: {"eval/greedy_acc": 0.3, "eval/pass@1": 0.1}
+    )
+    rows = run_demo(budget_s=budget_s, steps=steps, output_dir=str(tmp_path))
+    assert [c.trainer.max_time_s for c in configs] == [max_time_s] * len(OBJECTIVES)
+    assert [c.trainer.max_steps for c in configs] == [max_steps] * len(OBJECTIVES)
+    assert [r["steps"] for r in rows] == [2] * len(OBJECTIVES)
+
+
 def test_format_table_shows_ratios_and_the_matched_line():
     acc = {"eval/greedy_acc": 0.33, "eval/pass@1": 0.13}
     rows = [
